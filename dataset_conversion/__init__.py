@@ -1,0 +1,1 @@
+"""Converters that write nnU-Net raw datasets with a supervision manifest."""

@@ -1,0 +1,1 @@
+"""nnunet-weak: label-efficient learning inside nnU-Net v2."""

@@ -1,0 +1,62 @@
+"""nnU-Net's folders and the environment a user sets so that stock commands find this project."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from nnunet_weak.errors import UserInputError
+
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def trainers_folder() -> Path:
+    """The folder of the project's trainers, the one to name in ``nnUNet_extTrainer``."""
+    spec = importlib.util.find_spec("nnunet_weak.trainers")
+    return Path(spec.submodule_search_locations[0]).resolve()
+
+
+def required_folder(name: str) -> Path:
+    """The folder named by the nnU-Net environment variable ``name``; a clear error if unset."""
+    value = os.environ.get(name)
+    if not value:
+        raise UserInputError(
+            f"The environment variable {name} is not set. Run `eval \"$(nnunet-weak env)\"` "
+            f"(or add the lines `nnunet-weak env` prints to your shell profile)."
+        )
+    return Path(value)
+
+
+def ext_trainer_value(existing: str | None) -> str:
+    """``nnUNet_extTrainer`` with the project's trainers folder first, other entries kept."""
+    ours = str(trainers_folder())
+    entries = [p for p in (existing or "").split(os.pathsep) if p and p != ours]
+    return os.pathsep.join([ours] + entries)
+
+
+def environment_with_trainers(env: dict | None = None) -> dict:
+    """A copy of ``env`` (default: ``os.environ``) in which nnU-Net finds the project's trainers."""
+    env = dict(os.environ if env is None else env)
+    env["nnUNet_extTrainer"] = ext_trainer_value(env.get("nnUNet_extTrainer"))
+    return env
+
+
+def export_lines(root: str | None, has_gpu: bool, cpu_count: int) -> list[str]:
+    """The ``export`` lines ``nnunet-weak env`` prints.
+
+    Folders already set in the environment are kept unless ``root`` is given; unset folders go
+    under ``root`` (default ``~/nnUNet_data``). On a machine without a GPU the data-augmentation
+    and default worker counts are set to the number of cores, since nnU-Net's defaults (12 and 8)
+    assume a GPU server.
+    """
+    base = Path(root).expanduser().resolve() if root else Path("~/nnUNet_data").expanduser()
+    lines = []
+    for name in NNUNET_FOLDERS:
+        value = os.environ.get(name) if root is None else None
+        lines.append(f"export {name}={value or base / name}")
+    lines.append(f"export nnUNet_extTrainer={ext_trainer_value(os.environ.get('nnUNet_extTrainer'))}")
+    if not has_gpu:
+        n = max(1, cpu_count)
+        lines.append(f"export nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', n)}")
+        lines.append(f"export nnUNet_def_n_proc={os.environ.get('nnUNet_def_n_proc', n)}")
+    return lines

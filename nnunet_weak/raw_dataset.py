@@ -1,0 +1,298 @@
+"""Reading and writing nnU-Net raw datasets (``nnUNet_raw/DatasetXXX_Name``), with their manifest.
+
+``load_raw_dataset`` is the single entry point that checks a dataset before anything else touches
+it (``dataset.json`` present and sane, ignore label the highest, manifest consistent). ``write_raw_dataset``
+is what every converter uses to produce one: it writes into a temporary folder and moves it into
+place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_weak.atomic import staged_directory, write_json_atomic
+from nnunet_weak.environment import required_folder
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.supervision import (CaseSupervision, SupervisionManifest, read_manifest,
+                                     validate_manifest)
+
+DATASET_NAME_PATTERN = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
+
+
+def dataset_name_from_id(dataset: int | str) -> str:
+    """``DatasetXXX_Name`` for an id (``27``, ``"027"``) or a full name, found in nnU-Net's folders."""
+    text = str(dataset)
+    if DATASET_NAME_PATTERN.match(text):
+        return text
+    if not text.isdigit():
+        raise UserInputError(
+            f"'{dataset}' is neither a dataset id (e.g. 27) nor a dataset name (e.g. Dataset027_ACDC)."
+        )
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+    candidates = sorted(find_candidate_datasets(int(text)))
+    if not candidates:
+        raise UserInputError(
+            f"No dataset with id {int(text)} in nnUNet_raw ({os.environ.get('nnUNet_raw')}), "
+            f"nnUNet_preprocessed or nnUNet_results. Convert one first (`nnunet-weak convert ...`) "
+            f"or check the environment (`nnunet-weak env`)."
+        )
+    if len(candidates) > 1:
+        raise UserInputError(
+            f"Dataset id {int(text)} is used by several datasets: {candidates}. Give each dataset "
+            f"its own id."
+        )
+    return str(candidates[0])
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A checked raw dataset: its folder, ``dataset.json``, training cases and manifest."""
+
+    folder: Path
+    dataset_json: Mapping
+    training_cases: Sequence[str]
+    manifest: SupervisionManifest | None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def file_ending(self) -> str:
+        return self.dataset_json["file_ending"]
+
+    @property
+    def ignore_label(self) -> int | None:
+        return self.dataset_json["labels"].get("ignore")
+
+    @property
+    def class_labels(self) -> dict[str, int]:
+        """Foreground classes, name to value (no background, no ignore label)."""
+        return {k: int(v) for k, v in self.dataset_json["labels"].items()
+                if k not in ("background", "ignore")}
+
+    def dense_label_path(self, case: str) -> Path | None:
+        """Where the dense label of a training case is, or ``None`` when it has none.
+
+        With a manifest, the manifest says. Without one, a dataset without ignore label has dense
+        ``labelsTr``; a dataset with one has no dense labels.
+        """
+        if self.manifest is not None:
+            return self.manifest.dense_label_path(self.folder, case)
+        if self.ignore_label is None:
+            return self.folder / "labelsTr" / f"{case}{self.file_ending}"
+        return None
+
+    def test_cases(self) -> dict[str, tuple[list[Path], Path | None]]:
+        """Test cases: identifier to (channel images in imagesTs, dense label in labelsTs or None)."""
+        images_ts = self.folder / "imagesTs"
+        if not images_ts.is_dir():
+            return {}
+        channels = len(self.dataset_json["channel_names"])
+        ending = self.file_ending
+        cases = {}
+        for f in sorted(images_ts.iterdir()):
+            m = re.match(rf"^(.+)_0000{re.escape(ending)}$", f.name)
+            if m is None:
+                continue
+            case = m.group(1)
+            images = [images_ts / f"{case}_{c:04d}{ending}" for c in range(channels)]
+            label = self.folder / "labelsTs" / f"{case}{ending}"
+            cases[case] = (images, label if label.is_file() else None)
+        return cases
+
+
+def check_labels(labels: Mapping, source: str) -> None:
+    """Check the ``labels`` entry of a ``dataset.json``; raise a clear error when it is unusable."""
+    if not isinstance(labels, Mapping) or labels.get("background") != 0:
+        raise UserInputError(f"{source}: \"labels\" must map \"background\" to 0.")
+    values = {}
+    for name, value in labels.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserInputError(
+                f"{source}: label '{name}' has value {value!r}; nnunet-weak supports integer labels "
+                f"(region-based training is not supported)."
+            )
+        if value in values:
+            raise UserInputError(f"{source}: labels '{values[value]}' and '{name}' share the value {value}.")
+        values[value] = name
+    ignore = labels.get("ignore")
+    if ignore is not None:
+        highest = max(v for k, v in labels.items() if k != "ignore")
+        if ignore != highest + 1:
+            raise UserInputError(
+                f"{source}: the ignore label is {ignore} but must be the highest label + 1 "
+                f"({highest + 1}), as nnU-Net requires. Relabel the un-annotated voxels to "
+                f"{highest + 1} and set \"ignore\": {highest + 1}."
+            )
+
+
+def load_raw_dataset(dataset: int | str | os.PathLike) -> RawDataset:
+    """Load and check a raw dataset given by id, name (under ``nnUNet_raw``) or folder path."""
+    if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and os.sep in dataset):
+        folder = Path(dataset)
+    else:
+        folder = required_folder("nnUNet_raw") / dataset_name_from_id(dataset)
+    if not folder.is_dir():
+        raise UserInputError(f"Dataset folder {folder} does not exist.")
+    json_file = folder / "dataset.json"
+    if not json_file.is_file():
+        raise UserInputError(
+            f"{folder} has no dataset.json. An nnU-Net raw dataset needs one (see nnU-Net's "
+            f"dataset_format documentation), or convert your data with `nnunet-weak convert`."
+        )
+    try:
+        dataset_json = json.loads(json_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{json_file} is not valid JSON: {e}.")
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in dataset_json:
+            raise UserInputError(f"{json_file} has no \"{key}\" entry.")
+    check_labels(dataset_json["labels"], str(json_file))
+
+    labels_tr = folder / "labelsTr"
+    if not labels_tr.is_dir():
+        raise UserInputError(f"{folder} has no labelsTr folder.")
+    ending = dataset_json["file_ending"]
+    training_cases = sorted(f.name[: -len(ending)] for f in labels_tr.iterdir() if f.name.endswith(ending))
+    if not training_cases:
+        raise UserInputError(f"{labels_tr} holds no '*{ending}' label files.")
+    channels = len(dataset_json["channel_names"])
+    for case in training_cases:
+        for c in range(channels):
+            image = folder / "imagesTr" / f"{case}_{c:04d}{ending}"
+            if not image.is_file():
+                raise UserInputError(f"Training case '{case}' has a label but no image {image}.")
+
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        validate_manifest(manifest, folder, training_cases, "ignore" in dataset_json["labels"])
+    return RawDataset(folder, dataset_json, training_cases, manifest)
+
+
+def write_volume(array: np.ndarray, spacing: Sequence[float], path: str | os.PathLike) -> None:
+    """Write a (z, y, x) array with (z, y, x) spacing in mm as an image file (e.g. ``.nii.gz``)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in reversed(spacing)])
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+@dataclass
+class CaseRecord:
+    """One case to write into a raw dataset.
+
+    Attributes:
+        identifier: case id (file stem without channel suffix).
+        channels: image channels, each a (z, y, x) array.
+        spacing: voxel spacing (z, y, x) in mm.
+        label: the label map for ``labelsTr`` / ``labelsTs``, or ``None`` for a test case without one.
+        dense_label: for a training case whose ``label`` is not dense, the dense label to keep in
+            ``labelsTr_dense`` for scoring (``None`` if there is none).
+        supervision: the manifest entry kind (``dense``, ``sparse``, ``unlabelled``).
+        weak_label: what kind of weak label ``label`` is, for sparse cases.
+        provenance: how the label was made (JSON-serialisable), stored in the manifest.
+    """
+
+    identifier: str
+    channels: Sequence[np.ndarray]
+    spacing: Sequence[float]
+    label: np.ndarray | None
+    dense_label: np.ndarray | None = None
+    supervision: str = "dense"
+    weak_label: str | None = None
+    provenance: Mapping = field(default_factory=dict)
+
+
+def write_raw_dataset(raw_root: str | os.PathLike, dataset_name: str, channel_names: Mapping[str, str],
+                      labels: Mapping[str, int], training: Iterable[CaseRecord],
+                      test: Iterable[CaseRecord] = (), overwrite: bool = False,
+                      file_ending: str = ".nii.gz", extra_json: Mapping | None = None) -> Path:
+    """Write a complete raw dataset with its ``supervision.json``; return its folder.
+
+    Layout (ScribbleBench): ``imagesTr``/``labelsTr`` (what training sees: dense, sparse or
+    all-ignore), ``labelsTr_dense`` (dense labels of non-dense cases, for scoring),
+    ``imagesTs``/``labelsTs`` (held-out test cases with dense labels).
+    The dataset is staged in a temporary folder and renamed into place when complete.
+    """
+    if not DATASET_NAME_PATTERN.match(dataset_name):
+        raise UserInputError(f"'{dataset_name}' is not a dataset name of the form DatasetXXX_Name.")
+    check_labels(labels, f"labels of {dataset_name}")
+    final = Path(raw_root) / dataset_name
+    if final.exists() and not overwrite:
+        raise UserInputError(
+            f"{final} already exists. Delete it or pass the overwrite flag to replace it."
+        )
+    seen: set[str] = set()
+    allowed = set(labels.values())
+    with staged_directory(final, overwrite=overwrite) as stage:
+        entries = {}
+        n_train = 0
+        for case in training:
+            _check_new_identifier(case.identifier, seen)
+            _write_case(stage, "imagesTr", "labelsTr", case, file_ending, allowed)
+            dense_rel = f"labelsTr/{case.identifier}{file_ending}" if case.supervision == "dense" else None
+            if case.dense_label is not None:
+                _check_label_values(case.dense_label, allowed - {labels.get("ignore")},
+                                    f"dense label of case '{case.identifier}'")
+                (stage / "labelsTr_dense").mkdir(exist_ok=True)
+                dense_rel = f"labelsTr_dense/{case.identifier}{file_ending}"
+                write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel)
+            entries[case.identifier] = CaseSupervision(case.supervision, dense_rel, case.weak_label,
+                                                       dict(case.provenance))
+            n_train += 1
+        for case in test:
+            _check_new_identifier(case.identifier, seen)
+            _write_case(stage, "imagesTs", "labelsTs", case, file_ending,
+                        allowed - {labels.get("ignore")})
+        if n_train == 0:
+            raise UserInputError(f"{dataset_name}: no training cases to write.")
+        dataset_json = {
+            "channel_names": dict(channel_names),
+            "labels": dict(labels),
+            "numTraining": n_train,
+            "file_ending": file_ending,
+            **(extra_json or {}),
+        }
+        write_json_atomic(dataset_json, stage / "dataset.json")
+        manifest = SupervisionManifest(entries)
+        validate_manifest(manifest, stage, sorted(entries), "ignore" in labels)
+        manifest.save(stage)
+    return final
+
+
+def _check_new_identifier(identifier: str, seen: set[str]) -> None:
+    if identifier in seen:
+        raise UserInputError(f"Case id '{identifier}' occurs twice; case ids must be unique.")
+    seen.add(identifier)
+
+
+def _check_label_values(label: np.ndarray, allowed: set[int], what: str) -> None:
+    unexpected = sorted(set(np.unique(label).tolist()) - allowed)
+    if unexpected:
+        raise UserInputError(
+            f"The {what} contains value(s) {unexpected} outside the declared labels "
+            f"{sorted(allowed)}. Declare them in the class names or fix the label map."
+        )
+
+
+def _write_case(stage: Path, image_dir: str, label_dir: str, case: CaseRecord, ending: str,
+                allowed: set[int]) -> None:
+    (stage / image_dir).mkdir(exist_ok=True)
+    for c, channel in enumerate(case.channels):
+        write_volume(channel.astype(np.float32), case.spacing, stage / image_dir / f"{case.identifier}_{c:04d}{ending}")
+    if case.label is not None:
+        _check_label_values(case.label, allowed, f"label of case '{case.identifier}'")
+        if case.label.shape != case.channels[0].shape:
+            raise UserInputError(
+                f"Case '{case.identifier}': label shape {case.label.shape} differs from image shape "
+                f"{case.channels[0].shape}."
+            )
+        (stage / label_dir).mkdir(exist_ok=True)
+        write_volume(case.label.astype(np.uint8), case.spacing, stage / label_dir / f"{case.identifier}{ending}")
