@@ -1,0 +1,75 @@
+"""The synthetic cardiac phantom as a pair of nnU-Net datasets: a dense one and its scribble twin.
+
+Both hold the same images and the same held-out test cases (``imagesTs``/``labelsTs``, dense).
+The dense dataset has the dense labels in ``labelsTr``; the scribble dataset has simulated
+scribbles there (un-annotated voxels = ignore label), keeps the dense labels in ``labelsTr_dense``
+for scoring, and its manifest marks every training case as sparse.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from nnunet_weak.phantom import PHANTOM_LABELS, generate_case
+from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
+from nnunet_weak.scribbles import simulate_scribbles
+
+IGNORE_LABEL = max(PHANTOM_LABELS.values()) + 1
+
+
+def phantom_dataset_names(dense_id: int, sparse_id: int) -> tuple[str, str]:
+    return f"Dataset{dense_id:03d}_PhantomDense", f"Dataset{sparse_id:03d}_PhantomScribble"
+
+
+def _cases(seeds: list[int], scribbles: bool, training: bool, shape_yx: tuple[int, int],
+           desc: str) -> Iterator[CaseRecord]:
+    for seed in tqdm(seeds, desc=desc):
+        case = generate_case(seed, shape_yx=shape_yx)
+        identifier = f"phantom_{seed:04d}"
+        if not training or not scribbles:
+            yield CaseRecord(identifier, [case.image], case.spacing, case.label, supervision="dense",
+                             provenance={"generator": "nnunet_weak.phantom.generate_case", "seed": seed})
+            continue
+        scribble_seed = 10_000 + seed
+        yield CaseRecord(
+            identifier, [case.image], case.spacing,
+            label=simulate_scribbles(case.label, IGNORE_LABEL, scribble_seed),
+            dense_label=case.label, supervision="sparse", weak_label="scribble",
+            provenance={"generator": "nnunet_weak.scribbles.simulate_scribbles", "seed": scribble_seed,
+                        "image_seed": seed})
+
+
+def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, num_train: int = 20,
+                    num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (64, 64),
+                    overwrite: bool = False) -> tuple[Path, Path]:
+    """Write the dense phantom dataset and its scribble twin under ``raw_root``.
+
+    Args:
+        raw_root: the ``nnUNet_raw`` folder.
+        dense_id, sparse_id: dataset ids of the dense and the scribble dataset.
+        num_train, num_test: number of training and held-out test cases.
+        seed: base seed; case ``i`` uses image seed ``seed * 1000 + i``.
+        shape_yx: in-plane size of the volumes.
+        overwrite: replace existing datasets of the same name.
+
+    Returns:
+        The folders of the dense and the scribble dataset.
+    """
+    dense_name, sparse_name = phantom_dataset_names(dense_id, sparse_id)
+    train_seeds = [seed * 1000 + i for i in range(num_train)]
+    test_seeds = [seed * 1000 + num_train + i for i in range(num_test)]
+    channels = {"0": "MRI"}
+    folders = []
+    for name, scribbles in ((dense_name, False), (sparse_name, True)):
+        labels = dict(PHANTOM_LABELS, **({"ignore": IGNORE_LABEL} if scribbles else {}))
+        folders.append(write_raw_dataset(
+            raw_root, name, channels, labels,
+            training=_cases(train_seeds, scribbles, True, shape_yx, f"{name}: training cases"),
+            test=_cases(test_seeds, scribbles, False, shape_yx, f"{name}: test cases"),
+            overwrite=overwrite,
+            extra_json={"description": "nnunet-weak synthetic short-axis cardiac phantom",
+                        "phantom_seed": seed}))
+    return folders[0], folders[1]
