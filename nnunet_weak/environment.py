@@ -60,3 +60,30 @@ def export_lines(root: str | None, has_gpu: bool, cpu_count: int) -> list[str]:
         lines.append(f"export nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', n)}")
         lines.append(f"export nnUNet_def_n_proc={os.environ.get('nnUNet_def_n_proc', n)}")
     return lines
+
+
+def project_trainer_names() -> list[str]:
+    """Names of the trainer modules in the project's trainers folder."""
+    return sorted(p.stem for p in trainers_folder().glob("*.py") if not p.stem.startswith("_"))
+
+
+def check_trainer_exists(name: str) -> None:
+    """Look ``name`` up as ``nnUNetv2_train -tr`` would (nnU-Net's own trainers, then ours)."""
+    import contextlib
+    import io
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    previous = os.environ.get("nnUNet_extTrainer")
+    os.environ["nnUNet_extTrainer"] = ext_trainer_value(previous)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise UserInputError(
+            f"No trainer named '{name}'. The project's trainers: {', '.join(project_trainer_names())}; "
+            f"nnU-Net's own are in nnunetv2/training/nnUNetTrainer."
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_extTrainer", None)
+        else:
+            os.environ["nnUNet_extTrainer"] = previous

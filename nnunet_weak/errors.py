@@ -7,3 +7,8 @@ the message alone (no traceback) and exits with status 2.
 
 class UserInputError(Exception):
     """Bad input from the user: a wrong path, a missing file, an inconsistent dataset."""
+
+
+class StepFailed(Exception):
+    """A step run as a separate command (nnU-Net training, prediction) failed; the message says where
+    its full log is."""

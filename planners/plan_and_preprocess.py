@@ -94,6 +94,8 @@ def copy_plans(source: int | str, target: int | str, plans_identifier: str = "nn
     write_json_atomic(json.loads((preprocessed / src.name / "dataset_fingerprint.json").read_text()),
                       target_folder / "dataset_fingerprint.json")
     write_json_atomic(plans, target_folder / f"{plans_identifier}.json")
+    # nnU-Net's planner copies the raw dataset.json beside the plans; the preprocessor reads it there
+    write_json_atomic(dict(dst.dataset_json), target_folder / "dataset.json")
     write_json_atomic(ensure_splits(src.name, src.training_cases), target_folder / "splits_final.json")
     return dst.name
 

@@ -1,0 +1,205 @@
+"""The ``nnunet-weak`` command: one sub-command per job, each with ``--help``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nnunet_weak.errors import StepFailed, UserInputError
+
+
+def _cmd_env(args) -> None:
+    import torch
+    from nnunet_weak.environment import export_lines
+    print("# nnunet-weak: add these lines to your shell profile, or run: eval \"$(nnunet-weak env)\"")
+    for line in export_lines(args.root, torch.cuda.is_available(), os.cpu_count() or 1):
+        print(line)
+
+
+def _cmd_plan_and_preprocess(args) -> None:
+    from nnunet_weak.planners.plan_and_preprocess import plan_and_preprocess
+    plan_and_preprocess(
+        args.d, fingerprint_extractor=args.fpe, planner=args.pl, gpu_memory_target=args.gpu_memory_target,
+        preprocessor=args.preprocessor_name, overwrite_target_spacing=args.overwrite_target_spacing,
+        overwrite_plans_name=args.overwrite_plans_name, configurations=args.c,
+        num_processes_fingerprint=args.npfp, num_processes=args.np,
+        verify_dataset_integrity=args.verify_dataset_integrity, no_pp=args.no_pp, clean=args.clean,
+        verbose=args.verbose, plans_from=args.plans_from)
+
+
+def _cmd_convert_phantom(args) -> None:
+    from nnunet_weak.dataset_conversion.phantom import convert_phantom
+    from nnunet_weak.environment import required_folder
+    raw = args.output or required_folder("nnUNet_raw")
+    dense, sparse = convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test,
+                                    args.seed, (args.size, args.size), overwrite=args.overwrite)
+    print(f"Wrote {dense}\nWrote {sparse}")
+
+
+def _cmd_evaluate(args) -> None:
+    from pathlib import Path
+    from nnunet_weak.evaluation import score_cases
+    from nnunet_weak.raw_dataset import load_raw_dataset
+    dataset = load_raw_dataset(args.d)
+    predictions = Path(args.predictions)
+    if not predictions.is_dir():
+        raise UserInputError(f"Prediction folder {predictions} does not exist.")
+    ending = dataset.file_ending
+    if args.reference == "test":
+        references = {case: label for case, (_, label) in dataset.test_cases().items() if label is not None}
+    else:
+        references = {case: dataset.dense_label_path(case) for case in dataset.training_cases}
+        references = {case: path for case, path in references.items() if path is not None}
+    predicted = {f.name[: -len(ending)] for f in predictions.iterdir() if f.name.endswith(ending)}
+    if not predicted:
+        raise UserInputError(f"{predictions} holds no '*{ending}' predictions.")
+    unmatched = sorted(predicted - set(references))
+    if unmatched:
+        raise UserInputError(
+            f"{len(unmatched)} prediction(s) have no dense {args.reference} label in {dataset.name}, "
+            f"e.g. {unmatched[:3]}. Use --reference test for imagesTs predictions."
+        )
+    pairs = {case: (predictions / f"{case}{ending}", references[case]) for case in sorted(predicted)}
+    output = Path(args.o) if args.o else predictions / "summary_dense.json"
+    summary = score_cases(pairs, dataset.class_labels, output, dataset.ignore_label, args.np)
+    for name, values in summary["mean"].items():
+        print(f"{name:>12s}  Dice {values['Dice']:.4f}  HD95 {values['HD95']:.2f} mm")
+    print(f"{'mean':>12s}  Dice {summary['foreground_mean']['Dice']:.4f}  "
+          f"HD95 {summary['foreground_mean']['HD95']:.2f} mm\nWrote {output}")
+
+
+def _cmd_compare(args) -> None:
+    from nnunet_weak.compare import compare_from_args
+    compare_from_args(args)
+
+
+def _cmd_demo(args) -> None:
+    from nnunet_weak.demo import run_demo
+    run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunet_weak.budget import NAMED_BUDGETS
+    budgets = f"{', '.join(NAMED_BUDGETS)} or <epochs>x<iterations>"
+    parser = argparse.ArgumentParser(
+        prog="nnunet-weak",
+        description="Label-efficient learning (scribbles, mixed and semi-supervision) inside nnU-Net v2.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("env", help="print the export lines that let stock nnU-Net commands find the trainers",
+                       description="Print the environment (nnU-Net folders, nnUNet_extTrainer, CPU worker "
+                                   "counts) as export lines. Use: eval \"$(nnunet-weak env)\".")
+    p.add_argument("--root", help="put nnUNet_raw/_preprocessed/_results under this folder "
+                                  "(default: keep the current values, else ~/nnUNet_data)")
+    p.set_defaults(func=_cmd_env)
+
+    p = sub.add_parser("plan_and_preprocess", help="nnU-Net planning with an ignore-aware fingerprint",
+                       description="nnUNetv2_plan_and_preprocess with the ignore-aware fingerprint extractor "
+                                   "(intensity statistics from annotated, non-ignore foreground only), or with "
+                                   "the plans and splits of a twin dataset (--plans_from).")
+    p.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s)")
+    p.add_argument("-fpe", default="ignore_aware", choices=["ignore_aware", "nnunet"],
+                   help="fingerprint extractor (default: ignore_aware)")
+    p.add_argument("-pl", default="ExperimentPlanner", help="nnU-Net experiment planner class (default: ExperimentPlanner)")
+    p.add_argument("-gpu_memory_target", type=float, default=None, help="GPU memory target in GB for the planner")
+    p.add_argument("-preprocessor_name", default="DefaultPreprocessor", help="preprocessor class name")
+    p.add_argument("-overwrite_target_spacing", nargs="+", type=float, default=None,
+                   help="target spacing for 3d_fullres (z y x)")
+    p.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"], help="configurations to preprocess")
+    p.add_argument("-npfp", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 8)),
+                   help="processes for fingerprint extraction")
+    p.add_argument("-np", type=int, nargs="+", default=None, help="processes for preprocessing (one or one per -c)")
+    p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's integrity check first")
+    p.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
+    p.add_argument("--clean", action="store_true", help="recompute an existing fingerprint")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--plans_from", default=None,
+                   help="copy plans, fingerprint and splits from this (dense twin) dataset instead of planning")
+    p.set_defaults(func=_cmd_plan_and_preprocess)
+
+    p = sub.add_parser("convert", help="write nnU-Net datasets with a supervision manifest",
+                       description="Convert data into nnU-Net raw datasets with a supervision manifest.")
+    conv = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    q = conv.add_parser("phantom", help="the synthetic cardiac phantom: a dense dataset and its scribble twin",
+                        description="Generate the synthetic short-axis cardiac phantom and write a dense "
+                                    "dataset and a scribble dataset (same images, same test cases).")
+    q.add_argument("--dense_id", type=int, default=990, help="id of the dense dataset (default 990)")
+    q.add_argument("--sparse_id", type=int, default=991, help="id of the scribble dataset (default 991)")
+    q.add_argument("--num_train", type=int, default=20, help="training cases (default 20)")
+    q.add_argument("--num_test", type=int, default=8, help="held-out test cases (default 8)")
+    q.add_argument("--size", type=int, default=64, help="in-plane size in voxels (default 64)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    q.set_defaults(func=_cmd_convert_phantom)
+
+    p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",
+                       description="Score a folder of predictions against the dense labels of a dataset: "
+                                   "labelsTs (--reference test) or the dense training labels named by the "
+                                   "supervision manifest (--reference train).")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-i", dest="predictions", required=True, help="folder of predicted label maps")
+    p.add_argument("--reference", choices=["test", "train"], default="test",
+                   help="which dense labels to score against (default: test)")
+    p.add_argument("-o", default=None, help="output JSON (default: <predictions>/summary_dense.json)")
+    p.add_argument("-np", type=int, default=1, help="processes (default 1)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="train, predict and score several trainers on the same plans and folds",
+                       description="Train each trainer on the sparse dataset (and nnUNetWeakTrainer on the dense "
+                                   "twin as the upper bound) on the same plans, fold and budget with the stock "
+                                   "nnU-Net commands, predict the held-out test cases, score them against dense "
+                                   "labels, and write a table (markdown, CSV) and a per-class Dice chart (PNG). "
+                                   "Finished runs are reused.")
+    p.add_argument("--dense", default=None, help="dense twin dataset id or name (the upper bound; required "
+                                                 "unless --no_dense)")
+    p.add_argument("--sparse", required=True, help="sparse (scribble/weak) twin dataset id or name")
+    p.add_argument("--trainers", nargs="+", default=["nnUNetWeakTrainer"],
+                   help="trainers to train on the sparse dataset (default: nnUNetWeakTrainer, the partial-loss "
+                        "baseline)")
+    p.add_argument("--budget", default="demo", help=f"training budget: {budgets} (default: demo)")
+    p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
+    p.add_argument("-f", dest="fold", default="0", help="fold (default: 0)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("--no_dense", action="store_true", help="skip the dense upper bound")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--disable_tta", action="store_true", help="predict without mirroring")
+    p.add_argument("--retrain", action="store_true",
+                   help="train again even if a finished run exists (required when its budget differs)")
+    p.add_argument("-o", dest="output", default=None,
+                   help="output folder (default: $nnUNet_results/nnunet_weak_compare/<sparse>__<config>__fold<f>__<budget>)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("demo", help="phantom -> convert -> plan -> compare dense vs scribbles, on CPU in minutes",
+                       description="Generate the phantom, convert it into a dense and a scribble dataset, plan "
+                                   "and preprocess (2d), and compare dense nnU-Net (upper bound) with nnU-Net + "
+                                   "partial loss on scribbles, scored on dense test labels.")
+    p.add_argument("--dense_id", type=int, default=990, help="id of the dense phantom dataset (default 990)")
+    p.add_argument("--sparse_id", type=int, default=991, help="id of the scribble phantom dataset (default 991)")
+    p.add_argument("--num_train", type=int, default=20, help="training cases (default 20)")
+    p.add_argument("--num_test", type=int, default=8, help="test cases (default 8)")
+    p.add_argument("--budget", default="demo", help=f"training budget: {budgets} (default: demo)")
+    p.add_argument("--trainers", nargs="+", default=["nnUNetWeakTrainer"],
+                   help="trainers to compare on the scribbles (default: nnUNetWeakTrainer)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserInputError as e:
+        print(f"nnunet-weak {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except StepFailed as e:
+        print(f"nnunet-weak {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.evaluation import dice_score, hd95, score_cases, score_segmentation, surface_voxels
+from nnunet_weak.raw_dataset import write_volume
+
+
+def reference_surface(mask):
+    """Voxels of the mask with a face neighbour outside it or outside the array, by explicit loops."""
+    out = np.zeros_like(mask)
+    for idx in itertools.product(*[range(s) for s in mask.shape]):
+        if not mask[idx]:
+            continue
+        for axis in range(mask.ndim):
+            for step in (-1, 1):
+                n = list(idx)
+                n[axis] += step
+                if n[axis] < 0 or n[axis] >= mask.shape[axis] or not mask[tuple(n)]:
+                    out[idx] = True
+    return out
+
+
+def reference_hd95(a, b, spacing):
+    """Brute force: all pairwise distances between surface voxel centres."""
+    pa = np.argwhere(reference_surface(a)) * np.asarray(spacing)
+    pb = np.argwhere(reference_surface(b)) * np.asarray(spacing)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+def test_dice_against_counting():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((5, 6, 7)) > 0.6, rng.random((5, 6, 7)) > 0.5
+    tp = sum(1 for i in np.ndindex(a.shape) if a[i] and b[i])
+    assert dice_score(a, b) == pytest.approx(2 * tp / (a.sum() + b.sum()))
+    assert math.isnan(dice_score(np.zeros((3, 3), bool), np.zeros((3, 3), bool)))
+    assert dice_score(a, np.zeros_like(a)) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_surface_matches_loops(seed):
+    mask = np.random.default_rng(seed).random((4, 6, 5)) > 0.4
+    np.testing.assert_array_equal(surface_voxels(mask), reference_surface(mask))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hd95_against_brute_force_anisotropic(seed):
+    rng = np.random.default_rng(seed)
+    shape = (4, 9, 8) if seed % 2 else (10, 12)
+    spacing = (7.5, 1.25, 1.5)[-len(shape):]
+    a = rng.random(shape) > 0.7
+    b = rng.random(shape) > 0.6
+    assert hd95(a, b, spacing) == pytest.approx(reference_hd95(a, b, spacing), rel=1e-6)
+
+
+def test_hd95_empty_conventions():
+    empty = np.zeros((3, 4, 5), bool)
+    some = empty.copy()
+    some[1, 2, 2] = True
+    assert math.isnan(hd95(empty, empty, (2.0, 1.0, 1.0)))
+    assert hd95(some, empty, (2.0, 1.0, 1.0)) == pytest.approx(np.sqrt(6 ** 2 + 4 ** 2 + 5 ** 2))
+    assert hd95(some, some, (2.0, 1.0, 1.0)) == 0.0
+
+
+def test_hd95_shifted_cube_is_the_shift_in_mm():
+    a = np.zeros((6, 20, 20), bool)
+    a[1:5, 5:12, 5:12] = True
+    b = np.roll(a, 3, axis=2)
+    assert hd95(a, b, (5.0, 1.0, 2.0)) == pytest.approx(6.0)
+
+
+def test_score_segmentation_per_class():
+    ref = np.zeros((2, 6, 6), np.int32)
+    ref[:, 1:3, 1:3] = 1
+    ref[:, 3:5, 3:5] = 2
+    pred = ref.copy()
+    pred[pred == 2] = 0
+    scores = score_segmentation(pred, ref, (1.0, 1.0, 1.0), {"a": 1, "b": 2})
+    assert scores["a"]["Dice"] == 1.0 and scores["a"]["HD95"] == 0.0
+    assert scores["b"]["Dice"] == 0.0
+
+
+def test_score_cases_writes_json_and_refuses_sparse_reference(tmp_path):
+    ref = np.zeros((3, 8, 8), np.uint8)
+    ref[:, 2:6, 2:6] = 1
+    pred = np.zeros_like(ref)
+    pred[:, 2:6, 2:4] = 1
+    write_volume(ref, (5.0, 1.0, 1.0), tmp_path / "ref.nii.gz")
+    write_volume(pred, (5.0, 1.0, 1.0), tmp_path / "pred.nii.gz")
+    out = tmp_path / "summary.json"
+    summary = score_cases({"c": (tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1}, out)
+    assert json.loads(out.read_text())["mean"]["fg"]["Dice"] == pytest.approx(2 * 24 / (24 + 48))
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(2 / 3)
+
+    sparse = ref.copy()
+    sparse[0] = 2
+    write_volume(sparse, (5.0, 1.0, 1.0), tmp_path / "sparse.nii.gz")
+    with pytest.raises(UserInputError, match="ignore label"):
+        score_cases({"c": (tmp_path / "pred.nii.gz", tmp_path / "sparse.nii.gz")}, {"fg": 1},
+                    tmp_path / "x.json", ignore_label=2)
+    with pytest.raises(UserInputError, match="does not exist"):
+        score_cases({"c": (tmp_path / "missing.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1}, tmp_path / "y.json")
