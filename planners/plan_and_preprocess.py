@@ -58,6 +58,11 @@ def ensure_splits(dataset_name: str, case_identifiers: Sequence[str]) -> list:
     path = _splits_for(dataset_name)
     if path.is_file():
         return json.loads(path.read_text())
+    if len(case_identifiers) < 5:
+        raise UserInputError(
+            f"{dataset_name} has {len(case_identifiers)} training cases; nnU-Net's 5-fold split needs at "
+            f"least 5. Write your own {path}."
+        )
     splits = generate_crossval_split(sorted(case_identifiers), seed=12345, n_splits=5)
     write_json_atomic(splits, path)
     return splits

@@ -1,0 +1,87 @@
+"""Ignore-aware fingerprint and plan sharing between twins."""
+import json
+
+import numpy as np
+import pytest
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.planners.ignore_aware_fingerprint import (IgnoreAwareFingerprintExtractor,
+                                                           annotated_foreground_intensities)
+from nnunet_weak.planners.plan_and_preprocess import copy_plans, plan_and_preprocess
+from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
+
+CT_LABELS = {"background": 0, "organ": 1, "ignore": 2}
+
+
+def _ct_case(identifier, seed):
+    """Organ voxels at ~100 HU (labelled 1), un-annotated body at ~1000 HU (ignore), air (background)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((3, 12, 12), -1000.0, np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    image[:, 2:10, 2:10] = 1000 + rng.normal(0, 5, (3, 8, 8))
+    label[:, 2:10, 2:10] = 2
+    image[:, 4:6, 4:6] = 100 + rng.normal(0, 5, (3, 2, 2))
+    label[:, 4:6, 4:6] = 1
+    dense = np.where(label == 2, 0, label).astype(np.uint8)
+    return CaseRecord(identifier, [image], (3.0, 1.0, 1.0), label, dense_label=dense, supervision="sparse",
+                      weak_label="scribble")
+
+
+def test_annotated_foreground_excludes_ignore_and_background():
+    seg = np.array([[[0, 1, 2, 2]]])[None]
+    img = np.array([[[5.0, 10.0, 99.0, 99.0]]])[None]
+    (values,) = annotated_foreground_intensities(seg, img, ignore_label=2, num_samples=50)
+    assert set(values.tolist()) == {10.0}
+    (values,) = annotated_foreground_intensities(seg, img, ignore_label=None, num_samples=50)
+    assert set(values.tolist()) == {10.0, 99.0}
+
+
+def test_ignore_aware_fingerprint_statistics(nnunet_folders):
+    write_raw_dataset(nnunet_folders["nnUNet_raw"], "Dataset601_CT", {"0": "CT"}, CT_LABELS,
+                      [_ct_case(f"c{i}", i) for i in range(3)])
+    stock = DatasetFingerprintExtractor(601, num_processes=1).run(overwrite_existing=True)
+    ours = IgnoreAwareFingerprintExtractor(601, num_processes=1).run(overwrite_existing=True)
+    ours_stats = ours["foreground_intensity_properties_per_channel"][0]
+    stock_stats = stock["foreground_intensity_properties_per_channel"][0]
+    assert ours_stats["mean"] == pytest.approx(100, abs=3)
+    assert ours_stats["percentile_99_5"] < 130
+    assert stock_stats["mean"] > 900  # nnU-Net's counts the ignore voxels as foreground
+    assert ours["spacings"] == stock["spacings"]
+    assert [list(s) for s in ours["shapes_after_crop"]] == [list(s) for s in stock["shapes_after_crop"]]
+    written = json.loads((nnunet_folders["nnUNet_preprocessed"] / "Dataset601_CT" / "dataset_fingerprint.json")
+                         .read_text())
+    assert written["foreground_intensity_properties_per_channel"]["0"]["mean"] == pytest.approx(ours_stats["mean"])
+
+
+def test_copy_plans_between_twins(nnunet_folders):
+    raw = nnunet_folders["nnUNet_raw"]
+    write_raw_dataset(raw, "Dataset602_Sparse", {"0": "CT"}, CT_LABELS, [_ct_case(f"c{i}", i) for i in range(5)])
+    write_raw_dataset(raw, "Dataset603_Other", {"0": "CT"}, CT_LABELS, [_ct_case(f"d{i}", i) for i in range(5)])
+    dense_cases = [CaseRecord(f"c{i}", r.channels, r.spacing, r.dense_label)
+                   for i, r in enumerate(_ct_case(f"c{i}", i) for i in range(5))]
+    write_raw_dataset(raw, "Dataset604_Dense", {"0": "CT"}, {"background": 0, "organ": 1}, dense_cases)
+
+    with pytest.raises(UserInputError, match="plan the source dataset first"):
+        copy_plans(604, 602)
+    plan_and_preprocess([604], configurations=["2d"], num_processes_fingerprint=1, num_processes=[1])
+    with pytest.raises(UserInputError, match="same training cases"):
+        copy_plans(604, 603)
+    plan_and_preprocess([602], configurations=["2d"], num_processes=[1], plans_from=604)
+
+    pre = nnunet_folders["nnUNet_preprocessed"]
+    dense_plans = json.loads((pre / "Dataset604_Dense" / "nnUNetPlans.json").read_text())
+    sparse_plans = json.loads((pre / "Dataset602_Sparse" / "nnUNetPlans.json").read_text())
+    assert sparse_plans.pop("dataset_name") == "Dataset602_Sparse"
+    dense_plans.pop("dataset_name")
+    assert sparse_plans == dense_plans
+    assert ((pre / "Dataset602_Sparse" / "splits_final.json").read_text()
+            == (pre / "Dataset604_Dense" / "splits_final.json").read_text())
+    assert (pre / "Dataset602_Sparse" / "nnUNetPlans_2d").is_dir()
+
+
+def test_unknown_planner_and_extractor(nnunet_folders):
+    with pytest.raises(UserInputError, match="Unknown experiment planner"):
+        plan_and_preprocess([1], planner="NoSuchPlanner")
+    with pytest.raises(UserInputError, match="Unknown fingerprint extractor"):
+        plan_and_preprocess([1], fingerprint_extractor="magic")
