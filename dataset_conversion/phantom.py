@@ -43,7 +43,7 @@ def _cases(seeds: list[int], scribbles: bool, training: bool, shape_yx: tuple[in
 
 
 def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, num_train: int = 20,
-                    num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (64, 64),
+                    num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (48, 48),
                     overwrite: bool = False) -> tuple[Path, Path]:
     """Write the dense phantom dataset and its scribble twin under ``raw_root``.
 

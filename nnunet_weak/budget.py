@@ -48,7 +48,7 @@ NAMED_BUDGETS = {
     # end-to-end tests: proves the pipeline runs, learns nothing
     "smoke": Budget("smoke", 2, 3, 1),
     # `nnunet-weak demo` on 2 CPU cores
-    "demo": Budget("demo", 20, 25, 5),
+    "demo": Budget("demo", 12, 25, 5),
     # the CPU budget of ../shared/NNUNET_NOTES.md that gives meaningful ACDC numbers
     "cpu": Budget("cpu", 40, 50, 10),
     # nnU-Net's own schedule (GPU)

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sparse_id", type=int, default=991, help="id of the scribble dataset (default 991)")
     q.add_argument("--num_train", type=int, default=20, help="training cases (default 20)")
     q.add_argument("--num_test", type=int, default=8, help="held-out test cases (default 8)")
-    q.add_argument("--size", type=int, default=64, help="in-plane size in voxels (default 64)")
+    q.add_argument("--size", type=int, default=48, help="in-plane size in voxels (default 48)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
     q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")

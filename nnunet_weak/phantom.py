@@ -38,7 +38,7 @@ def _wobbly_ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: fl
     return (u / rx) ** 2 + (v / ry) ** 2 <= modulation ** 2
 
 
-def generate_case(seed: int, shape_yx: tuple[int, int] = (64, 64), num_slices: tuple[int, int] = (8, 12),
+def generate_case(seed: int, shape_yx: tuple[int, int] = (48, 48), num_slices: tuple[int, int] = (8, 12),
                   noise: float = 0.05) -> PhantomCase:
     """Generate one phantom volume, fully determined by ``seed``.
 
@@ -51,7 +51,8 @@ def generate_case(seed: int, shape_yx: tuple[int, int] = (64, 64), num_slices: t
     rng = np.random.default_rng(seed)
     ny, nx = shape_yx
     nz = int(rng.integers(num_slices[0], num_slices[1] + 1))
-    in_plane = float(rng.uniform(1.4, 1.9))
+    # a field of view of about 100 mm whatever the matrix size, as in cardiac MRI
+    in_plane = float(rng.uniform(1.4, 1.9)) * 64 / max(ny, nx)
     spacing = (float(rng.uniform(7.0, 10.0)), in_plane, in_plane)
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
 

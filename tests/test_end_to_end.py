@@ -1,0 +1,138 @@
+"""End to end with the stock nnU-Net commands on a tiny phantom (a few minutes on 2 CPU cores).
+
+convert -> nnUNetv2_plan_and_preprocess (dense) -> nnunet-weak plan_and_preprocess --plans_from (scribbles)
+-> nnUNetv2_train -tr nnUNetWeakTrainer (data-augmentation workers on), --c, --val -> nnUNetv2_predict
+-> scoring on dense labels -> nnunet-weak compare reusing the finished run.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_weak.environment import NNUNET_FOLDERS
+
+from conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+DENSE, SPARSE, SEMI = "Dataset950_PhantomDense", "Dataset951_PhantomScribble", "Dataset952_PhantomSemi"
+BIN = Path(sys.executable).parent
+
+
+def run(command, env, cwd=None):
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    folders = {name: root / name for name in NNUNET_FOLDERS}
+    env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke")
+    run([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", "950", "--sparse_id", "951",
+         "--num_train", "5", "--num_test", "2", "--size", "32"], env)
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "950", "-c", "2d", "-np", "2", "-npfp", "2"], env)
+    run([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "951", "-c", "2d", "-np", "2", "--plans_from", "950"], env)
+    return folders, env
+
+
+def fold_folder(folders, dataset):
+    return folders["nnUNet_results"] / dataset / "nnUNetWeakTrainer__nnUNetPlans__2d" / "fold_0"
+
+
+def test_train_continue_validate_predict_score(workspace):
+    folders, env = workspace
+    train = [BIN / "nnUNetv2_train", "951", "2d", "0", "-tr", "nnUNetWeakTrainer", "-device", "cpu"]
+    run(train, env)
+    fold = fold_folder(folders, SPARSE)
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert json.loads((fold / "nnunet_weak_run.json").read_text())["budget"]["name"] == "smoke"
+    dense_summary = json.loads((fold / "validation" / "summary_dense.json").read_text())
+    assert dense_summary["reference"] == "dense labels"
+    val_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text())[0]["val"]
+    assert sorted(c["case"] for c in dense_summary["metric_per_case"]) == sorted(val_cases)
+    assert all("labelsTr_dense" in c["reference"] for c in dense_summary["metric_per_case"])
+    assert set(dense_summary["mean"]) == {"RV", "MYO", "LV"}
+
+    # --c on a finished run, and a changed budget is refused
+    run(train + ["--c"], env)
+    refused = subprocess.run(train + ["--c"], env=dict(env, NNUNET_WEAK_BUDGET="3x3"), capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 or "budget" in refused.stdout + refused.stderr
+
+    (fold / "validation" / "summary_dense.json").unlink()
+    run(train + ["--val"], env)
+    assert (fold / "validation" / "summary_dense.json").is_file()
+
+    predictions = folders["nnUNet_results"] / "test_predictions"
+    run([BIN / "nnUNetv2_predict", "-i", folders["nnUNet_raw"] / SPARSE / "imagesTs", "-o", predictions,
+         "-d", "951", "-c", "2d", "-f", "0", "-tr", "nnUNetWeakTrainer", "-chk", "checkpoint_final.pth",
+         "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    out = run([BIN / "nnunet-weak", "evaluate", "-d", "951", "-i", predictions], env)
+    assert "mean  Dice" in out.stdout
+    test_summary = json.loads((predictions / "summary_dense.json").read_text())
+    assert len(test_summary["metric_per_case"]) == 2
+    assert all("labelsTs" in c["reference"] for c in test_summary["metric_per_case"])
+
+
+def test_compare_reuses_finished_runs(workspace):
+    folders, env = workspace
+    fold = fold_folder(folders, SPARSE)
+    if not (fold / "checkpoint_final.pth").is_file():
+        pytest.skip("needs the training of test_train_continue_validate_predict_score")
+    before = (fold / "checkpoint_final.pth").stat().st_mtime
+    output = folders["nnUNet_results"] / "comparison"
+    run([BIN / "nnunet-weak", "compare", "--dense", "950", "--sparse", "951", "--budget", "smoke",
+         "--device", "cpu", "--disable_tta", "-o", output], env)
+    assert (fold / "checkpoint_final.pth").stat().st_mtime == before
+    assert (fold_folder(folders, DENSE) / "checkpoint_final.pth").is_file()
+    table = (output / "comparison.md").read_text()
+    assert "nnU-Net dense (upper bound)" in table and "nnU-Net + partial loss" in table
+    assert "budget smoke" in table
+    rows = (output / "comparison.csv").read_text().splitlines()
+    assert rows[0].startswith("method,trainer,dataset,Dice RV,Dice MYO,Dice LV,Dice mean")
+    assert len(rows) == 3
+    assert (output / "comparison_dice.png").stat().st_size > 1000
+
+    # a finished run under another budget is not silently reused
+    refused = subprocess.run([BIN / "nnunet-weak", "compare", "--dense", "950", "--sparse", "951", "--budget",
+                              "3x3", "--device", "cpu", "-o", output], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--retrain" in refused.stderr
+
+
+def test_unlabelled_cases_never_reach_the_supervised_stream(workspace, monkeypatch):
+    folders, env = workspace
+    raw = folders["nnUNet_raw"]
+    shutil.copytree(raw / SPARSE, raw / SEMI)
+    manifest_file = raw / SEMI / "supervision.json"
+    manifest = json.loads(manifest_file.read_text())
+    unlabelled = sorted(manifest["cases"])[:2]
+    from nnunet_weak.raw_dataset import write_volume
+    import SimpleITK as sitk
+    for case in unlabelled:
+        manifest["cases"][case]["supervision"] = "unlabelled"
+        label_file = raw / SEMI / "labelsTr" / f"{case}.nii.gz"
+        image = sitk.ReadImage(str(label_file))
+        write_volume(np.full(sitk.GetArrayFromImage(image).shape, 4, np.uint8),
+                     tuple(reversed(image.GetSpacing())), label_file)
+    manifest_file.write_text(json.dumps(manifest))
+    run([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "952", "-c", "2d", "-np", "2", "--plans_from", "950"], env)
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
+    pre = folders["nnUNet_preprocessed"] / SEMI
+    trainer = nnUNetWeakTrainer(dict(json.loads((pre / "nnUNetPlans.json").read_text()), continue_training=False),
+                                "2d", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    splits = json.loads((pre / "splits_final.json").read_text())[0]
+    tr_keys, val_keys = trainer.do_split()
+    assert set(tr_keys) == set(splits["train"]) - set(unlabelled)
+    assert val_keys == splits["val"]
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    assert not set(dataset_tr.identifiers) & set(unlabelled)
