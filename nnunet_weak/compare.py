@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from nnunet_weak.atomic import staged_directory, write_text_atomic
 from nnunet_weak.budget import BUDGET_ENV, Budget, parse_budget
-from nnunet_weak.environment import check_trainer_exists, environment_with_trainers, required_folder
+from nnunet_weak.environment import (check_trainer_exists, environment_with_trainers, nnunet_command,
+                                     required_folder)
 from nnunet_weak.errors import StepFailed, UserInputError
 from nnunet_weak.evaluation import score_cases
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
@@ -103,7 +104,7 @@ def run_logged(command: Sequence[str], env: dict, log_file: Path, description: s
             bar.refresh()
     if code != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
-        raise StepFailed(f"`{' '.join(command[:2])} ...` exited with status {code}. Last lines:\n{tail}\n"
+        raise StepFailed(f"`{Path(command[0]).name} {command[1]} ...` exited with status {code}. Last lines:\n{tail}\n"
                          f"Full log: {log_file}")
 
 
@@ -158,7 +159,7 @@ class Comparison:
                 f"{folder} holds a finished run with budget '{recorded}', not '{self.budget.name}'. "
                 f"Pass --retrain to replace it, or ask for budget '{recorded}'."
             )
-        command = ["nnUNetv2_train", run.dataset.name, self.configuration, self.fold, "-tr", run.trainer,
+        command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, self.fold, "-tr", run.trainer,
                    "-p", self.plans, "-device", self.device]
         resumable = (folder / "checkpoint_latest.pth").is_file() and same_budget and not self.retrain
         if resumable:
@@ -176,7 +177,7 @@ class Comparison:
             return target
         images = self.sparse.folder / "imagesTs"
         with staged_directory(target, overwrite=True) as stage:
-            command = ["nnUNetv2_predict", "-i", str(images), "-o", str(stage), "-d", run.dataset.name,
+            command = [nnunet_command("nnUNetv2_predict"), "-i", str(images), "-o", str(stage), "-d", run.dataset.name,
                        "-c", self.configuration, "-f", self.fold, "-tr", run.trainer, "-p", self.plans,
                        "-chk", "checkpoint_final.pth", "-device", self.device, "-npp", "1", "-nps", "1"]
             if self.disable_tta:

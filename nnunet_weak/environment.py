@@ -87,3 +87,18 @@ def check_trainer_exists(name: str) -> None:
             os.environ.pop("nnUNet_extTrainer", None)
         else:
             os.environ["nnUNet_extTrainer"] = previous
+
+
+def nnunet_command(name: str) -> str:
+    """Path of an nnU-Net console script (``nnUNetv2_train`` ...): the one installed beside this
+    Python first (a virtual environment need not be activated), else the one on PATH."""
+    import shutil
+    import sys
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise UserInputError(f"The nnU-Net command {name} is not installed; install nnunetv2 "
+                             f"(`pip install -e .` in this project does) and activate its environment.")
+    return found

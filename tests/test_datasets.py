@@ -83,28 +83,26 @@ def test_missing_dataset_json(small_dataset):
 
 
 def test_ignore_label_must_be_highest(small_dataset):
-    path = small_dataset / "dataset.json"
-    content = json.loads(path.read_text())
-    content["labels"]["ignore"] = 5
-    path.write_text(json.dumps(content))
+    _edit_json(small_dataset / "dataset.json", lambda d: d["labels"].update(ignore=5))
     with pytest.raises(UserInputError, match="highest label"):
         load_raw_dataset(small_dataset)
 
 
-def test_manifest_missing_a_case(small_dataset):
-    path = small_dataset / MANIFEST_FILENAME
+def _edit_json(path, edit):
     content = json.loads(path.read_text())
-    del content["cases"]["c1"]
+    edit(content)
     path.write_text(json.dumps(content))
+
+
+def test_manifest_missing_a_case(small_dataset):
+    _edit_json(small_dataset / MANIFEST_FILENAME, lambda m: m["cases"].pop("c1"))
     with pytest.raises(UserInputError, match="does not list 1 training case"):
         load_raw_dataset(small_dataset)
 
 
 def test_manifest_naming_a_missing_case(small_dataset):
-    path = small_dataset / MANIFEST_FILENAME
-    content = json.loads(path.read_text())
-    content["cases"]["ghost"] = {"supervision": "dense", "dense_label": None}
-    path.write_text(json.dumps(content))
+    _edit_json(small_dataset / MANIFEST_FILENAME,
+               lambda m: m["cases"].update(ghost={"supervision": "dense", "dense_label": None}))
     with pytest.raises(UserInputError, match="ghost"):
         load_raw_dataset(small_dataset)
 
@@ -116,19 +114,13 @@ def test_manifest_dense_label_missing_on_disk(small_dataset):
 
 
 def test_manifest_unknown_supervision(small_dataset):
-    path = small_dataset / MANIFEST_FILENAME
-    content = json.loads(path.read_text())
-    content["cases"]["c0"]["supervision"] = "scribbled"
-    path.write_text(json.dumps(content))
+    _edit_json(small_dataset / MANIFEST_FILENAME, lambda m: m["cases"]["c0"].update(supervision="scribbled"))
     with pytest.raises(UserInputError, match="unknown supervision 'scribbled'"):
         load_raw_dataset(small_dataset)
 
 
 def test_sparse_cases_need_an_ignore_label(small_dataset):
-    path = small_dataset / "dataset.json"
-    content = json.loads(path.read_text())
-    del content["labels"]["ignore"]
-    path.write_text(json.dumps(content))
+    _edit_json(small_dataset / "dataset.json", lambda d: d["labels"].pop("ignore"))
     with pytest.raises(UserInputError, match="no \"ignore\" label"):
         load_raw_dataset(small_dataset)
 

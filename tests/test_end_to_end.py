@@ -64,7 +64,8 @@ def test_train_continue_validate_predict_score(workspace):
     run(train + ["--c"], env)
     refused = subprocess.run(train + ["--c"], env=dict(env, NNUNET_WEAK_BUDGET="3x3"), capture_output=True,
                              text=True)
-    assert refused.returncode != 0 or "budget" in refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "was started with budget 'smoke'" in refused.stdout + refused.stderr
 
     (fold / "validation" / "summary_dense.json").unlink()
     run(train + ["--val"], env)
