@@ -84,7 +84,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
     # ---- budget ------------------------------------------------------------------------------
 
     def on_train_start(self):
-        super().on_train_start()
+        # checked before nnU-Net starts its data-augmentation workers, so that a refusal exits cleanly
         record_file = Path(self.output_folder) / RUN_RECORD
         if self.current_epoch > 0 and record_file.is_file():
             recorded = json.loads(record_file.read_text())["budget"]
@@ -94,6 +94,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                     f"'{self.budget.name}'. Set NNUNET_WEAK_BUDGET={recorded['name']} to continue it, "
                     f"or start a new run without --c."
                 )
+        super().on_train_start()
         self.print_to_log_file(f"nnunet-weak budget {self.budget.describe()}")
         if self.local_rank == 0:
             write_json_atomic({"trainer": self.__class__.__name__, "dataset": self.plans_manager.dataset_name,
