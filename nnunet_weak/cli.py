@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "baseline)")
     p.add_argument("--budget", default="demo", help=f"training budget: {budgets} (default: demo)")
     p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
-    p.add_argument("-f", dest="fold", default="0", help="fold (default: 0)")
+    p.add_argument("-f", dest="folds", nargs="+", default=["0"],
+                   help="fold(s) to train; several are ensembled for the test prediction (default: 0)")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense upper bound")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true",
                    help="train again even if a finished run exists (required when its budget differs)")
     p.add_argument("-o", dest="output", default=None,
-                   help="output folder (default: $nnUNet_results/nnunet_weak_compare/<sparse>__<config>__fold<f>__<budget>)")
+                   help="output folder (default: $nnUNet_results/nnunet_weak_compare/<sparse>__<config>__fold<folds>__<budget>)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="phantom -> convert -> plan -> compare dense vs scribbles, on CPU in minutes",

@@ -1,11 +1,12 @@
-"""``nnunet-weak compare``: trainers side by side, same plans, fold and budget, scored on dense labels.
+"""``nnunet-weak compare``: trainers side by side, same plans, folds and budget, scored on dense labels.
 
 For a dense dataset and its sparse twin (same images, same cases, same plans and splits; see
 ``nnunet-weak plan_and_preprocess --plans_from``), each run
 
-1. trains with the stock ``nnUNetv2_train`` (``NNUNET_WEAK_BUDGET`` set to the budget), reusing a
-   finished run of the same budget and continuing an unfinished one with ``--c``;
-2. predicts the held-out test cases (``imagesTs``) with the stock ``nnUNetv2_predict``;
+1. trains each requested fold with the stock ``nnUNetv2_train`` (``NNUNET_WEAK_BUDGET`` set to the
+   budget), reusing a finished run of the same budget and continuing an unfinished one with ``--c``;
+2. predicts the held-out test cases (``imagesTs``) with the stock ``nnUNetv2_predict`` (the
+   ensemble of the folds when there are several, as nnU-Net does);
 3. scores them against the dense ``labelsTs`` (``nnunet_weak.evaluation``).
 
 The runs are: ``nnUNetWeakTrainer`` on the dense dataset (upper bound, unless ``--no_dense``), then
@@ -112,7 +113,7 @@ class Comparison:
     """Everything one ``compare`` call needs; ``run()`` does the work and returns the table rows."""
 
     def __init__(self, dense: int | str | None, sparse: int | str, trainers: Sequence[str], budget: str,
-                 configuration: str = "2d", fold: str = "0", plans: str = "nnUNetPlans",
+                 configuration: str = "2d", folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans",
                  device: str | None = None, disable_tta: bool = False, retrain: bool = False,
                  output: str | os.PathLike | None = None):
         self.budget: Budget = parse_budget(budget)
@@ -129,24 +130,25 @@ class Comparison:
         if unlabelled:
             raise UserInputError(f"Test case(s) {unlabelled[:3]} of {self.sparse.name} have no dense label in "
                                  f"labelsTs; every test case needs one to be scored.")
-        self.configuration, self.fold, self.plans = configuration, str(fold), plans
+        self.configuration, self.plans = configuration, plans
+        self.folds = [str(f) for f in dict.fromkeys(folds)]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.disable_tta, self.retrain = disable_tta, retrain
         self.output = Path(output) if output else (
             required_folder("nnUNet_results") / "nnunet_weak_compare" /
-            f"{self.sparse.name}__{configuration}__fold{self.fold}__{self.budget.name}")
+            f"{self.sparse.name}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
         self.runs = ([Run(method_name(BASE_TRAINER, True), BASE_TRAINER, self.dense)] if self.dense else [])
         self.runs += [Run(method_name(t, False), t, self.sparse) for t in dict.fromkeys(trainers)]
         self.env = environment_with_trainers()
         self.env[BUDGET_ENV] = self.budget.name
 
-    def fold_folder(self, run: Run) -> Path:
+    def fold_folder(self, run: Run, fold: str) -> Path:
         return (required_folder("nnUNet_results") / run.dataset.name /
-                f"{run.trainer}__{self.plans}__{self.configuration}" / f"fold_{self.fold}")
+                f"{run.trainer}__{self.plans}__{self.configuration}" / f"fold_{fold}")
 
-    def train(self, run: Run) -> bool:
-        """Train (or reuse, or continue) one run; return True if training happened."""
-        folder = self.fold_folder(run)
+    def train(self, run: Run, fold: str) -> bool:
+        """Train (or reuse, or continue) one fold of a run; return True if training happened."""
+        folder = self.fold_folder(run, fold)
         record = folder / RUN_RECORD
         recorded = json.loads(record.read_text())["budget"]["name"] if record.is_file() else None
         finished = (folder / "checkpoint_final.pth").is_file()
@@ -159,15 +161,15 @@ class Comparison:
                 f"{folder} holds a finished run with budget '{recorded}', not '{self.budget.name}'. "
                 f"Pass --retrain to replace it, or ask for budget '{recorded}'."
             )
-        command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, self.fold, "-tr", run.trainer,
-                   "-p", self.plans, "-device", self.device]
+        command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, fold,
+                   "-tr", run.trainer, "-p", self.plans, "-device", self.device]
         resumable = (folder / "checkpoint_latest.pth").is_file() and same_budget and not self.retrain
         if resumable:
             command.append("--c")
         elif folder.exists():
             shutil.rmtree(folder)
-        run_logged(command, self.env, self.output / "logs" / f"{run.key}__train.log",
-                   f"{run.method}: training ({self.budget.describe()})", self.budget.num_epochs)
+        run_logged(command, self.env, self.output / "logs" / f"{run.key}__fold{fold}__train.log",
+                   f"{run.method}: training fold {fold} ({self.budget.describe()})", self.budget.num_epochs)
         return True
 
     def predict(self, run: Run, retrained: bool) -> Path:
@@ -178,7 +180,7 @@ class Comparison:
         images = self.sparse.folder / "imagesTs"
         with staged_directory(target, overwrite=True) as stage:
             command = [nnunet_command("nnUNetv2_predict"), "-i", str(images), "-o", str(stage), "-d", run.dataset.name,
-                       "-c", self.configuration, "-f", self.fold, "-tr", run.trainer, "-p", self.plans,
+                       "-c", self.configuration, "-f", *self.folds, "-tr", run.trainer, "-p", self.plans,
                        "-chk", "checkpoint_final.pth", "-device", self.device, "-npp", "1", "-nps", "1"]
             if self.disable_tta:
                 command.append("--disable_tta")
@@ -194,13 +196,13 @@ class Comparison:
                            description=f"{run.method}: scoring on dense labels",
                            extra={"method": run.method, "trainer": run.trainer, "dataset": run.dataset.name,
                                   "budget": self.budget.to_json(), "configuration": self.configuration,
-                                  "fold": self.fold})
+                                  "folds": self.folds})
 
     def run(self) -> list[dict]:
         rows = []
         for run in self.runs:
             started = time.time()
-            retrained = self.train(run)
+            retrained = any([self.train(run, fold) for fold in self.folds])
             summary = self.score(run, self.predict(run, retrained))
             row = {"method": run.method, "trainer": run.trainer, "dataset": run.dataset.name}
             row.update({f"Dice {name}": v["Dice"] for name, v in summary["mean"].items()})
@@ -215,7 +217,8 @@ class Comparison:
 
     def caption(self) -> str:
         return (f"{len(self.test_cases)} held-out test cases of {self.sparse.name}, scored on dense labels; "
-                f"configuration {self.configuration}, fold {self.fold}, plans {self.plans}, budget "
+                f"configuration {self.configuration}, fold(s) {', '.join(self.folds)} (ensembled when several), "
+                f"plans {self.plans}, budget "
                 f"{self.budget.describe()}, device {self.device}.")
 
     def write_outputs(self, rows: list[dict]) -> None:
@@ -280,6 +283,6 @@ def compare_from_args(args) -> list[dict]:
     if args.dense is None and not args.no_dense:
         raise UserInputError("Give the dense twin with --dense (the upper bound), or pass --no_dense.")
     comparison = Comparison(None if args.no_dense else args.dense, args.sparse, args.trainers, args.budget,
-                            args.configuration, args.fold, args.plans, args.device, args.disable_tta,
+                            args.configuration, args.folds, args.plans, args.device, args.disable_tta,
                             args.retrain, args.output)
     return comparison.run()

@@ -66,7 +66,7 @@ def run_demo(args) -> list[dict]:
         plan_and_preprocess([sparse_name], configurations=[CONFIGURATION], num_processes=[n], plans_from=dense_name)
 
     print("[3/3] Comparison")
-    comparison = Comparison(dense_name, sparse_name, args.trainers, args.budget, CONFIGURATION, "0",
+    comparison = Comparison(dense_name, sparse_name, args.trainers, args.budget, CONFIGURATION, ["0"],
                             device=args.device)
     rows = comparison.run()
     print(f"Demo finished in {time.time() - started:.0f} s.")
