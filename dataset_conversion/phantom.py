@@ -8,10 +8,8 @@ for scoring, and its manifest marks every training case as sparse.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
-from typing import Iterator
-
-from tqdm import tqdm
 
 from nnunet_weak.phantom import PHANTOM_LABELS, generate_case
 from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
@@ -24,27 +22,25 @@ def phantom_dataset_names(dense_id: int, sparse_id: int) -> tuple[str, str]:
     return f"Dataset{dense_id:03d}_PhantomDense", f"Dataset{sparse_id:03d}_PhantomScribble"
 
 
-def _cases(seeds: list[int], scribbles: bool, training: bool, shape_yx: tuple[int, int],
-           desc: str) -> Iterator[CaseRecord]:
-    for seed in tqdm(seeds, desc=desc):
-        case = generate_case(seed, shape_yx=shape_yx)
-        identifier = f"phantom_{seed:04d}"
-        if not training or not scribbles:
-            yield CaseRecord(identifier, [case.image], case.spacing, case.label, supervision="dense",
-                             provenance={"generator": "nnunet_weak.phantom.generate_case", "seed": seed})
-            continue
-        scribble_seed = 10_000 + seed
-        yield CaseRecord(
-            identifier, [case.image], case.spacing,
-            label=simulate_scribbles(case.label, IGNORE_LABEL, scribble_seed),
-            dense_label=case.label, supervision="sparse", weak_label="scribble",
-            provenance={"generator": "nnunet_weak.scribbles.simulate_scribbles", "seed": scribble_seed,
-                        "image_seed": seed})
+def phantom_case(seed: int, scribbles: bool, training: bool, shape_yx: tuple[int, int]) -> CaseRecord:
+    """Generate one phantom case; a training case of the scribble dataset gets simulated scribbles."""
+    case = generate_case(seed, shape_yx=shape_yx)
+    identifier = f"phantom_{seed:04d}"
+    if not training or not scribbles:
+        return CaseRecord(identifier, [case.image], case.spacing, case.label, supervision="dense",
+                          provenance={"generator": "nnunet_weak.phantom.generate_case", "seed": seed})
+    scribble_seed = 10_000 + seed
+    return CaseRecord(
+        identifier, [case.image], case.spacing,
+        label=simulate_scribbles(case.label, IGNORE_LABEL, scribble_seed),
+        dense_label=case.label, supervision="sparse", weak_label="scribble",
+        provenance={"generator": "nnunet_weak.scribbles.simulate_scribbles", "seed": scribble_seed,
+                    "image_seed": seed})
 
 
 def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, num_train: int = 20,
                     num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (48, 48),
-                    overwrite: bool = False) -> tuple[Path, Path]:
+                    overwrite: bool = False, num_processes: int = 1) -> tuple[Path, Path]:
     """Write the dense phantom dataset and its scribble twin under ``raw_root``.
 
     Args:
@@ -54,6 +50,7 @@ def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, 
         seed: base seed; case ``i`` uses image seed ``seed * 1000 + i``.
         shape_yx: in-plane size of the volumes.
         overwrite: replace existing datasets of the same name.
+        num_processes: worker processes.
 
     Returns:
         The folders of the dense and the scribble dataset.
@@ -67,9 +64,9 @@ def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, 
         labels = dict(PHANTOM_LABELS, **({"ignore": IGNORE_LABEL} if scribbles else {}))
         folders.append(write_raw_dataset(
             raw_root, name, channels, labels,
-            training=_cases(train_seeds, scribbles, True, shape_yx, f"{name}: training cases"),
-            test=_cases(test_seeds, scribbles, False, shape_yx, f"{name}: test cases"),
-            overwrite=overwrite,
+            training=[partial(phantom_case, s, scribbles, True, shape_yx) for s in train_seeds],
+            test=[partial(phantom_case, s, scribbles, False, shape_yx) for s in test_seeds],
+            overwrite=overwrite, num_processes=num_processes,
             extra_json={"description": "nnunet-weak synthetic short-axis cardiac phantom",
                         "phantom_seed": seed}))
     return folders[0], folders[1]

@@ -32,7 +32,8 @@ def _cmd_convert_phantom(args) -> None:
     from nnunet_weak.environment import required_folder
     raw = args.output or required_folder("nnUNet_raw")
     dense, sparse = convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test,
-                                    args.seed, (args.size, args.size), overwrite=args.overwrite)
+                                    args.seed, (args.size, args.size), overwrite=args.overwrite,
+                                    num_processes=args.np)
     print(f"Wrote {dense}\nWrote {sparse}")
 
 
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
     q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     q.set_defaults(func=_cmd_convert_phantom)
 
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",

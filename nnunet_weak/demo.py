@@ -45,6 +45,7 @@ def run_demo(args) -> list[dict]:
     _check_ids_free_or_ours(args.dense_id, dense_name)
     _check_ids_free_or_ours(args.sparse_id, sparse_name)
 
+    n = int(os.environ.get("nnUNet_def_n_proc", os.cpu_count() or 1))
     print("[1/3] Phantom datasets")
     existing = [(raw / n).is_dir() for n in (dense_name, sparse_name)]
     if all(existing):
@@ -55,10 +56,9 @@ def run_demo(args) -> list[dict]:
         print(f"  reusing {dense_name} and {sparse_name}")
     else:
         convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
-                        overwrite=any(existing))
+                        overwrite=any(existing), num_processes=n)
 
     print("[2/3] Planning and preprocessing (2d)")
-    n = int(os.environ.get("nnUNet_def_n_proc", os.cpu_count() or 1))
     if not (preprocessed / dense_name / "nnUNetPlans_2d").is_dir():
         plan_and_preprocess([dense_name], configurations=[CONFIGURATION], num_processes_fingerprint=n,
                             num_processes=[n])

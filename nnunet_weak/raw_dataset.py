@@ -8,14 +8,16 @@ place only when complete.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
+from tqdm import tqdm
 
 from nnunet_weak.atomic import staged_directory, write_json_atomic
 from nnunet_weak.environment import required_folder
@@ -210,16 +212,25 @@ class CaseRecord:
     provenance: Mapping = field(default_factory=dict)
 
 
+CaseSource = Union[CaseRecord, Callable[[], CaseRecord]]
+
+
 def write_raw_dataset(raw_root: str | os.PathLike, dataset_name: str, channel_names: Mapping[str, str],
-                      labels: Mapping[str, int], training: Iterable[CaseRecord],
-                      test: Iterable[CaseRecord] = (), overwrite: bool = False,
-                      file_ending: str = ".nii.gz", extra_json: Mapping | None = None) -> Path:
+                      labels: Mapping[str, int], training: Iterable[CaseSource],
+                      test: Iterable[CaseSource] = (), overwrite: bool = False,
+                      file_ending: str = ".nii.gz", extra_json: Mapping | None = None,
+                      num_processes: int = 1) -> Path:
     """Write a complete raw dataset with its ``supervision.json``; return its folder.
 
     Layout (ScribbleBench): ``imagesTr``/``labelsTr`` (what training sees: dense, sparse or
     all-ignore), ``labelsTr_dense`` (dense labels of non-dense cases, for scoring),
     ``imagesTs``/``labelsTs`` (held-out test cases with dense labels).
     The dataset is staged in a temporary folder and renamed into place when complete.
+
+    Args:
+        training, test: the cases, each a ``CaseRecord`` or a picklable callable returning one (so
+            that loading happens in the worker processes).
+        num_processes: worker processes for loading and writing cases.
     """
     if not DATASET_NAME_PATTERN.match(dataset_name):
         raise UserInputError(f"'{dataset_name}' is not a dataset name of the form DatasetXXX_Name.")
@@ -229,34 +240,28 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_name: str, channel_na
         raise UserInputError(
             f"{final} already exists. Delete it or pass the overwrite flag to replace it."
         )
-    seen: set[str] = set()
-    allowed = set(labels.values())
+    jobs = [("train", item) for item in training] + [("test", item) for item in test]
     with staged_directory(final, overwrite=overwrite) as stage:
+        arguments = [(stage, split, item, file_ending, dict(labels)) for split, item in jobs]
+        if num_processes > 1:
+            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+                results = list(tqdm(pool.imap(_write_case_star, arguments), total=len(jobs), desc=dataset_name))
+        else:
+            results = [_write_case(*a) for a in tqdm(arguments, desc=dataset_name)]
+        seen: set[str] = set()
         entries = {}
-        n_train = 0
-        for case in training:
-            _check_new_identifier(case.identifier, seen)
-            _write_case(stage, "imagesTr", "labelsTr", case, file_ending, allowed)
-            dense_rel = f"labelsTr/{case.identifier}{file_ending}" if case.supervision == "dense" else None
-            if case.dense_label is not None:
-                _check_label_values(case.dense_label, allowed - {labels.get("ignore")},
-                                    f"dense label of case '{case.identifier}'")
-                (stage / "labelsTr_dense").mkdir(exist_ok=True)
-                dense_rel = f"labelsTr_dense/{case.identifier}{file_ending}"
-                write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel)
-            entries[case.identifier] = CaseSupervision(case.supervision, dense_rel, case.weak_label,
-                                                       dict(case.provenance))
-            n_train += 1
-        for case in test:
-            _check_new_identifier(case.identifier, seen)
-            _write_case(stage, "imagesTs", "labelsTs", case, file_ending,
-                        allowed - {labels.get("ignore")})
-        if n_train == 0:
+        for identifier, entry in results:
+            if identifier in seen:
+                raise UserInputError(f"Case id '{identifier}' occurs twice; case ids must be unique.")
+            seen.add(identifier)
+            if entry is not None:
+                entries[identifier] = entry
+        if not entries:
             raise UserInputError(f"{dataset_name}: no training cases to write.")
         dataset_json = {
             "channel_names": dict(channel_names),
             "labels": dict(labels),
-            "numTraining": n_train,
+            "numTraining": len(entries),
             "file_ending": file_ending,
             **(extra_json or {}),
         }
@@ -267,10 +272,49 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_name: str, channel_na
     return final
 
 
-def _check_new_identifier(identifier: str, seen: set[str]) -> None:
-    if identifier in seen:
-        raise UserInputError(f"Case id '{identifier}' occurs twice; case ids must be unique.")
-    seen.add(identifier)
+def _write_case_star(arguments):
+    return _write_case(*arguments)
+
+
+def _write_case(stage: Path, split: str, source: CaseSource, ending: str,
+                labels: Mapping[str, int]) -> tuple[str, CaseSupervision | None]:
+    """Write one case into the staged dataset; return its id and (training cases) manifest entry."""
+    case = source() if callable(source) else source
+    ignore = labels.get("ignore")
+    allowed = set(labels.values())
+    dense_values = allowed - {ignore}
+    image_dir, label_dir = ("imagesTr", "labelsTr") if split == "train" else ("imagesTs", "labelsTs")
+    (stage / image_dir).mkdir(exist_ok=True)
+    for c, channel in enumerate(case.channels):
+        if channel.shape != case.channels[0].shape:
+            raise UserInputError(f"Case '{case.identifier}': channel {c} has shape {channel.shape}, channel 0 "
+                                 f"{case.channels[0].shape}.")
+        write_volume(channel.astype(np.float32), case.spacing, stage / image_dir / f"{case.identifier}_{c:04d}{ending}")
+    if case.label is not None:
+        _check_label_values(case.label, allowed if split == "train" else dense_values,
+                            f"label of case '{case.identifier}'")
+        if case.label.shape != case.channels[0].shape:
+            raise UserInputError(
+                f"Case '{case.identifier}': label shape {case.label.shape} differs from image shape "
+                f"{case.channels[0].shape}."
+            )
+        (stage / label_dir).mkdir(exist_ok=True)
+        write_volume(case.label.astype(np.uint8), case.spacing, stage / label_dir / f"{case.identifier}{ending}")
+    if split != "train":
+        return case.identifier, None
+    if case.label is None:
+        raise UserInputError(f"Training case '{case.identifier}' has no label map (use an all-ignore map for "
+                             f"an unlabelled case).")
+    dense_rel = f"labelsTr/{case.identifier}{ending}" if case.supervision == "dense" else None
+    if case.dense_label is not None:
+        _check_label_values(case.dense_label, dense_values, f"dense label of case '{case.identifier}'")
+        if case.dense_label.shape != case.label.shape:
+            raise UserInputError(f"Case '{case.identifier}': dense label shape {case.dense_label.shape} differs "
+                                 f"from label shape {case.label.shape}.")
+        (stage / "labelsTr_dense").mkdir(exist_ok=True)
+        dense_rel = f"labelsTr_dense/{case.identifier}{ending}"
+        write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel)
+    return case.identifier, CaseSupervision(case.supervision, dense_rel, case.weak_label, dict(case.provenance))
 
 
 def _check_label_values(label: np.ndarray, allowed: set[int], what: str) -> None:
@@ -280,19 +324,3 @@ def _check_label_values(label: np.ndarray, allowed: set[int], what: str) -> None
             f"The {what} contains value(s) {unexpected} outside the declared labels "
             f"{sorted(allowed)}. Declare them in the class names or fix the label map."
         )
-
-
-def _write_case(stage: Path, image_dir: str, label_dir: str, case: CaseRecord, ending: str,
-                allowed: set[int]) -> None:
-    (stage / image_dir).mkdir(exist_ok=True)
-    for c, channel in enumerate(case.channels):
-        write_volume(channel.astype(np.float32), case.spacing, stage / image_dir / f"{case.identifier}_{c:04d}{ending}")
-    if case.label is not None:
-        _check_label_values(case.label, allowed, f"label of case '{case.identifier}'")
-        if case.label.shape != case.channels[0].shape:
-            raise UserInputError(
-                f"Case '{case.identifier}': label shape {case.label.shape} differs from image shape "
-                f"{case.channels[0].shape}."
-            )
-        (stage / label_dir).mkdir(exist_ok=True)
-        write_volume(case.label.astype(np.uint8), case.spacing, stage / label_dir / f"{case.identifier}{ending}")
