@@ -37,6 +37,12 @@ def _cmd_convert_phantom(args) -> None:
     print(f"Wrote {dense}\nWrote {sparse}")
 
 
+def _cmd_convert_acdc(args) -> None:
+    from nnunet_weak.dataset_conversion.acdc import convert_acdc_from_args
+    scribble, dense = convert_acdc_from_args(args)
+    print(f"Wrote {scribble}\nWrote {dense}")
+
+
 def _cmd_evaluate(args) -> None:
     from pathlib import Path
     from nnunet_weak.evaluation import score_cases
@@ -135,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
     q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     q.set_defaults(func=_cmd_convert_phantom)
+
+    q = conv.add_parser("acdc", help="ACDC (official layout or WSL4MIS HDF5) as a scribble dataset + dense twin",
+                        description="Convert ACDC into Dataset027_ACDC (scribbles in labelsTr: hand-drawn when "
+                                    "given, simulated otherwise; dense labels in labelsTr_dense) and its dense "
+                                    "twin, with whole test patients in imagesTs/labelsTs and the same "
+                                    "patient-grouped 5-fold splits for both.")
+    q.add_argument("--official", default=None, help="folder of patientXXX/ folders (Info.cfg, frames, _gt)")
+    q.add_argument("--h5", default=None, help="folder of WSL4MIS patientXXX_frameYY.h5 files (or its volumes/)")
+    q.add_argument("--spacing", default=None, help="CSV case,spacing_x_mm,spacing_y_mm,spacing_z_mm (for --h5)")
+    q.add_argument("--scribbles", default=None, help="folder of patientXXX_frameYY_scribble.nii.gz (Valvano et al.)")
+    q.add_argument("--scribble_id", type=int, default=27, help="id of the scribble dataset (default 27)")
+    q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
+    q.add_argument("--test_patients", type=int, default=20, help="whole patients held out for testing (default 20)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the test choice and of simulated scribbles")
+    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    q.set_defaults(func=_cmd_convert_acdc)
 
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",
                        description="Score a folder of predictions against the dense labels of a dataset: "

@@ -1,0 +1,286 @@
+"""ACDC (cine MRI: RV, myocardium, LV cavity) as a scribble dataset and its dense twin.
+
+Sources, in the layouts people download:
+
+- the official challenge layout: ``patientXXX/`` folders with ``Info.cfg`` (``ED:`` and ``ES:`` frame
+  numbers), ``patientXXX_frameYY.nii.gz`` and ``patientXXX_frameYY_gt.nii.gz``;
+- the WSL4MIS / SSL4MIS HDF5 layout: ``patientXXX_frameYY.h5`` with ``image``, ``label`` and
+  ``scribble`` (axes z, y, x; no spacing stored: it comes from a spacing table
+  ``case,spacing_x_mm,spacing_y_mm,spacing_z_mm`` or from the scribble NIfTIs, never guessed).
+
+Scribbles: the hand-drawn ones of Valvano et al. (``patientXXX_frameYY_scribble.nii.gz``, or the
+``scribble`` array of the HDF5 files; value 4 = not annotated) when given, else simulated from the
+dense labels. Output: ``Dataset027_ACDC`` (scribbles in ``labelsTr``, dense labels in
+``labelsTr_dense``) and its dense twin (same images, same cases), each with a held-out test set of
+whole patients in ``imagesTs``/``labelsTs``, and the same patient-grouped 5-fold split written as
+``splits_final.json`` for both (ED and ES of one patient never sit on both sides).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_weak.atomic import write_json_atomic
+from nnunet_weak.environment import required_folder
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
+from nnunet_weak.scribbles import simulate_scribbles
+
+ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+IGNORE_LABEL = 4
+CASE_PATTERN = re.compile(r"^(patient\d{3})_frame(\d{2})$")
+
+
+@dataclass(frozen=True)
+class AcdcFrame:
+    """Where one ACDC frame (ED or ES of a patient) is, in whichever layout.
+
+    Attributes:
+        case: ``patientXXX_frameYY``.
+        image: the image NIfTI (official layout) or the HDF5 file.
+        label: the dense label NIfTI (official layout), ``None`` for HDF5 (label inside the file).
+        scribble: the scribble NIfTI, if given.
+        spacing: (z, y, x) in mm for HDF5 frames (from the table or the scribble NIfTI); ``None``
+            for NIfTI frames (read from the header).
+    """
+
+    case: str
+    image: Path
+    label: Path | None
+    scribble: Path | None
+    spacing: tuple[float, float, float] | None
+
+    @property
+    def patient(self) -> str:
+        return CASE_PATTERN.match(self.case).group(1)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise UserInputError(f"{path} cannot be read as an image ({str(e).strip().splitlines()[-1]}). "
+                             f"Replace the file with an intact copy.")
+    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
+
+
+def _read_info_cfg(path: Path) -> dict[str, int]:
+    if not path.is_file():
+        raise UserInputError(f"{path} is missing: the official ACDC layout has an Info.cfg per patient "
+                             f"giving the ED and ES frame numbers.")
+    values = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        values[key.strip()] = value.strip()
+    try:
+        return {"ED": int(values["ED"]), "ES": int(values["ES"])}
+    except (KeyError, ValueError):
+        raise UserInputError(f"{path} does not give integer 'ED:' and 'ES:' frame numbers.")
+
+
+def _scribble_file(scribbles: Path | None, case: str) -> Path | None:
+    if scribbles is None:
+        return None
+    path = scribbles / f"{case}_scribble.nii.gz"
+    return path if path.is_file() else None
+
+
+def find_official_frames(folder: Path, scribbles: Path | None = None) -> list[AcdcFrame]:
+    """ED and ES frames of every ``patientXXX`` folder of the official layout."""
+    patients = sorted(p for p in folder.iterdir() if p.is_dir() and re.match(r"^patient\d{3}$", p.name))
+    if not patients:
+        raise UserInputError(f"{folder} holds no patientXXX folders (official ACDC layout).")
+    frames = []
+    for patient in patients:
+        info = _read_info_cfg(patient / "Info.cfg")
+        for number in sorted(set(info.values())):
+            case = f"{patient.name}_frame{number:02d}"
+            image, label = patient / f"{case}.nii.gz", patient / f"{case}_gt.nii.gz"
+            for path, what in ((image, "image"), (label, "ground truth")):
+                if not path.is_file():
+                    raise UserInputError(f"{path} is missing: Info.cfg lists frame {number} of {patient.name}, "
+                                         f"so its {what} must be there.")
+            frames.append(AcdcFrame(case, image, label, _scribble_file(scribbles, case), None))
+    return frames
+
+
+def read_spacing_table(path: Path) -> dict[str, tuple[float, float, float]]:
+    """``case,spacing_x_mm,spacing_y_mm,spacing_z_mm`` rows to (z, y, x) spacings."""
+    if not path.is_file():
+        raise UserInputError(f"Spacing table {path} does not exist.")
+    spacings = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                spacings[row["case"]] = (float(row["spacing_z_mm"]), float(row["spacing_y_mm"]),
+                                         float(row["spacing_x_mm"]))
+            except (KeyError, ValueError):
+                raise UserInputError(f"{path}: each row needs case, spacing_x_mm, spacing_y_mm, spacing_z_mm.")
+    return spacings
+
+
+def find_h5_frames(folder: Path, spacing_table: Path | None = None,
+                   scribbles: Path | None = None) -> list[AcdcFrame]:
+    """HDF5 frames of the WSL4MIS layout (``folder`` or ``folder/volumes``), with their spacing."""
+    volumes = folder / "volumes" if (folder / "volumes").is_dir() else folder
+    files = sorted(f for f in volumes.glob("*.h5") if CASE_PATTERN.match(f.stem))
+    if not files:
+        raise UserInputError(f"{volumes} holds no patientXXX_frameYY.h5 files (WSL4MIS layout).")
+    table = read_spacing_table(spacing_table) if spacing_table is not None else {}
+    frames = []
+    for f in files:
+        scribble = _scribble_file(scribbles, f.stem)
+        if f.stem in table:
+            spacing = table[f.stem]
+        elif scribble is not None:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(scribble))
+            reader.ReadImageInformation()
+            spacing = tuple(float(s) for s in reversed(reader.GetSpacing()))
+        else:
+            raise UserInputError(
+                f"No spacing for {f.name}: HDF5 files store none. Give a spacing table (--spacing) with a "
+                f"row for {f.stem}, or the scribble NIfTIs (--scribbles), whose headers have it."
+            )
+        frames.append(AcdcFrame(f.stem, f, None, scribble, spacing))
+    return frames
+
+
+def load_frame(frame: AcdcFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """Image, dense label, real scribble (or ``None``) and (z, y, x) spacing of one frame."""
+    if frame.label is not None:
+        image, spacing = _read_nifti(frame.image)
+        label, label_spacing = _read_nifti(frame.label)
+        if not np.allclose(spacing, label_spacing, rtol=1e-3):
+            raise UserInputError(f"{frame.label} has spacing {label_spacing}, its image {spacing}.")
+        scribble = None
+    else:
+        import h5py
+        try:
+            with h5py.File(frame.image, "r") as f:
+                image, label = f["image"][:], f["label"][:]
+                scribble = f["scribble"][:] if "scribble" in f else None
+        except (OSError, KeyError) as e:
+            raise UserInputError(f"{frame.image} is not a readable WSL4MIS HDF5 volume with 'image' and 'label' "
+                                 f"({e}).")
+        spacing = frame.spacing
+    if frame.scribble is not None:
+        scribble, _ = _read_nifti(frame.scribble)
+    for name, array in (("label", label), ("scribble", scribble)):
+        if array is not None and array.shape != image.shape:
+            raise UserInputError(f"{frame.case}: {name} shape {array.shape} differs from image shape {image.shape}.")
+    label = label.astype(np.int64)
+    if label.min() < 0 or label.max() >= IGNORE_LABEL:
+        raise UserInputError(f"{frame.case}: dense label values {sorted(np.unique(label).tolist())} are outside "
+                             f"0..3 (background, RV, MYO, LV).")
+    if scribble is not None and (scribble.min() < 0 or scribble.max() > IGNORE_LABEL):
+        raise UserInputError(f"{frame.case}: scribble values {sorted(np.unique(scribble).tolist())} are outside "
+                             f"0..4 (4 = not annotated).")
+    return image.astype(np.float32), label.astype(np.uint8), scribble, spacing
+
+
+def acdc_case(frame: AcdcFrame, twin: str, training: bool, seed: int) -> CaseRecord:
+    """The record of one frame for the scribble (``twin='scribble'``) or the dense dataset."""
+    image, label, real_scribble, spacing = load_frame(frame)
+    if not training or twin == "dense":
+        return CaseRecord(frame.case, [image], spacing, label, supervision="dense")
+    if real_scribble is not None:
+        scribble, provenance = real_scribble.astype(np.uint8), {"source": "hand-drawn (Valvano et al.)"}
+    else:
+        case_seed = seed * 100_000 + int(frame.case[7:10]) * 100 + int(frame.case[-2:])
+        scribble = simulate_scribbles(label, IGNORE_LABEL, case_seed)
+        provenance = {"generator": "nnunet_weak.scribbles.simulate_scribbles", "seed": case_seed}
+    return CaseRecord(frame.case, [image], spacing, scribble, dense_label=label, supervision="sparse",
+                      weak_label="scribble", provenance=provenance)
+
+
+def patient_grouped_splits(cases: list[str], seed: int = 12345, n_folds: int = 5) -> list[dict]:
+    """nnU-Net-style folds in which all frames of a patient fall on the same side."""
+    by_patient: dict[str, list[str]] = {}
+    for case in sorted(cases):
+        by_patient.setdefault(CASE_PATTERN.match(case).group(1), []).append(case)
+    patients = sorted(by_patient)
+    if len(patients) < n_folds:
+        raise UserInputError(f"{len(patients)} training patients cannot make {n_folds} folds.")
+    order = np.random.RandomState(seed).permutation(len(patients))
+    folds = [sorted(patients[i] for i in order[k::n_folds]) for k in range(n_folds)]
+    return [{"train": sorted(c for p in patients if p not in set(val) for c in by_patient[p]),
+             "val": sorted(c for p in val for c in by_patient[p])} for val in folds]
+
+
+def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Path, scribble_id: int = 27,
+                 dense_id: int = 127, num_test_patients: int = 20, seed: int = 0, overwrite: bool = False,
+                 num_processes: int = 1) -> tuple[Path, Path]:
+    """Write the ACDC scribble dataset and its dense twin; return their raw folders.
+
+    Args:
+        frames: the frames found by ``find_official_frames`` or ``find_h5_frames``.
+        raw_root, preprocessed_root: nnU-Net's folders (the splits go to the preprocessed one).
+        scribble_id, dense_id: dataset ids.
+        num_test_patients: whole patients (seeded choice) held out in ``imagesTs``/``labelsTs``.
+        seed: seed of the test choice and of simulated scribbles.
+    """
+    cases = [f.case for f in frames]
+    duplicates = sorted({c for c in cases if cases.count(c) > 1})
+    if duplicates:
+        raise UserInputError(f"Duplicate case ids: {duplicates[:3]}.")
+    patients = sorted({f.patient for f in frames})
+    if num_test_patients >= len(patients):
+        raise UserInputError(f"{num_test_patients} test patients requested but only {len(patients)} patients "
+                             f"given; lower --test_patients.")
+    rng = np.random.RandomState(seed)
+    test_patients = set(rng.choice(patients, num_test_patients, replace=False).tolist()) if num_test_patients else set()
+    train_frames = [f for f in frames if f.patient not in test_patients]
+    test_frames = [f for f in frames if f.patient in test_patients]
+    splits = patient_grouped_splits([f.case for f in train_frames])
+    folders = []
+    for twin, dataset_id, name in (("scribble", scribble_id, "ACDC"), ("dense", dense_id, "ACDCDense")):
+        labels = dict(ACDC_LABELS, **({"ignore": IGNORE_LABEL} if twin == "scribble" else {}))
+        dataset_name = f"Dataset{dataset_id:03d}_{name}"
+        folders.append(write_raw_dataset(
+            raw_root, dataset_name, {"0": "cineMRI"}, labels,
+            training=[partial(acdc_case, f, twin, True, seed) for f in train_frames],
+            test=[partial(acdc_case, f, twin, False, seed) for f in test_frames],
+            overwrite=overwrite, num_processes=num_processes,
+            extra_json={"description": "ACDC (Bernard et al., IEEE TMI 2018); scribbles: Valvano et al., "
+                                       "IEEE TMI 2021 where hand-drawn",
+                        "test_patients": sorted(test_patients)}))
+        write_json_atomic(splits, preprocessed_root / dataset_name / "splits_final.json")
+    print(f"{len(train_frames)} training frames, {len(test_frames)} test frames of {len(test_patients)} patients; "
+          f"the manifests record which scribbles are hand-drawn and which simulated.")
+    return folders[0], folders[1]
+
+
+def convert_acdc_from_args(args) -> tuple[Path, Path]:
+    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
+    preprocessed = required_folder("nnUNet_preprocessed")
+    scribbles = Path(args.scribbles) if args.scribbles else None
+    if scribbles is not None and not scribbles.is_dir():
+        raise UserInputError(f"Scribble folder {scribbles} does not exist.")
+    if (args.official is None) == (args.h5 is None):
+        raise UserInputError("Give exactly one source: --official DIR (patientXXX folders) or --h5 DIR.")
+    if args.official is not None:
+        source = Path(args.official)
+        if not source.is_dir():
+            raise UserInputError(f"{source} does not exist.")
+        frames = find_official_frames(source, scribbles)
+    else:
+        source = Path(args.h5)
+        if not source.is_dir():
+            raise UserInputError(f"{source} does not exist.")
+        frames = find_h5_frames(source, Path(args.spacing) if args.spacing else None, scribbles)
+    if scribbles is not None:
+        known = {f.case for f in frames}
+        orphans = sorted(p.name for p in scribbles.glob("*_scribble.nii.gz")
+                         if p.name[: -len("_scribble.nii.gz")] not in known)
+        if orphans:
+            raise UserInputError(f"Scribble file(s) without an image: {orphans[:3]} in {scribbles}.")
+    return convert_acdc(frames, raw, preprocessed, args.scribble_id, args.dense_id, args.test_patients,
+                        args.seed, args.overwrite, args.np)
