@@ -31,7 +31,7 @@ from nnunet_weak.atomic import write_json_atomic
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
-from nnunet_weak.scribbles import simulate_scribbles
+from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 IGNORE_LABEL = 4
@@ -186,19 +186,18 @@ def load_frame(frame: AcdcFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
     return image.astype(np.float32), label.astype(np.uint8), scribble, spacing
 
 
-def acdc_case(frame: AcdcFrame, twin: str, training: bool, seed: int) -> CaseRecord:
-    """The record of one frame for the scribble (``twin='scribble'``) or the dense dataset."""
+def acdc_case(frame: AcdcFrame, choice: SupervisionChoice | None, keeps_dense_label: bool,
+              training: bool) -> CaseRecord:
+    """The record of one frame: dense (test cases, the dense twin: ``choice=None``) or as ``choice`` says."""
     image, label, real_scribble, spacing = load_frame(frame)
-    if not training or twin == "dense":
+    if not training or choice is None:
         return CaseRecord(frame.case, [image], spacing, label, supervision="dense")
-    if real_scribble is not None:
-        scribble, provenance = real_scribble.astype(np.uint8), {"source": "hand-drawn (Valvano et al.)"}
-    else:
-        case_seed = seed * 100_000 + int(frame.case[7:10]) * 100 + int(frame.case[-2:])
-        scribble = simulate_scribbles(label, IGNORE_LABEL, case_seed)
-        provenance = {"generator": "nnunet_weak.scribbles.simulate_scribbles", "seed": case_seed}
-    return CaseRecord(frame.case, [image], spacing, scribble, dense_label=label, supervision="sparse",
-                      weak_label="scribble", provenance=provenance)
+    weak, supervision, weak_label, provenance = choice.make_label(frame.case, label, IGNORE_LABEL,
+                                                                  keeps_dense_label, real_scribble)
+    if provenance.get("source") == "hand-drawn":
+        provenance = {"source": "hand-drawn (Valvano et al.)"}
+    return CaseRecord(frame.case, [image], spacing, weak, dense_label=label, supervision=supervision,
+                      weak_label=weak_label, provenance=provenance)
 
 
 def patient_grouped_splits(cases: list[str], seed: int = 12345, n_folds: int = 5) -> list[dict]:
@@ -215,17 +214,18 @@ def patient_grouped_splits(cases: list[str], seed: int = 12345, n_folds: int = 5
              "val": sorted(c for p in val for c in by_patient[p])} for val in folds]
 
 
-def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Path, scribble_id: int = 27,
-                 dense_id: int = 127, num_test_patients: int = 20, seed: int = 0, overwrite: bool = False,
+def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Path,
+                 choice: SupervisionChoice = SupervisionChoice(), scribble_id: int = 27, dense_id: int = 127,
+                 num_test_patients: int = 20, overwrite: bool = False,
                  num_processes: int = 1) -> tuple[Path, Path]:
-    """Write the ACDC scribble dataset and its dense twin; return their raw folders.
+    """Write the ACDC dataset with the chosen supervision and its dense twin; return their raw folders.
 
     Args:
         frames: the frames found by ``find_official_frames`` or ``find_h5_frames``.
         raw_root, preprocessed_root: nnU-Net's folders (the splits go to the preprocessed one).
+        choice: the supervision of the first dataset (default: scribbles, hand-drawn when given).
         scribble_id, dense_id: dataset ids.
-        num_test_patients: whole patients (seeded choice) held out in ``imagesTs``/``labelsTs``.
-        seed: seed of the test choice and of simulated scribbles.
+        num_test_patients: whole patients (chosen with ``choice.seed``) held out in ``imagesTs``/``labelsTs``.
     """
     cases = [f.case for f in frames]
     duplicates = sorted({c for c in cases if cases.count(c) > 1})
@@ -235,22 +235,25 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
     if num_test_patients >= len(patients):
         raise UserInputError(f"{num_test_patients} test patients requested but only {len(patients)} patients "
                              f"given; lower --test_patients.")
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(choice.seed)
     test_patients = set(rng.choice(patients, num_test_patients, replace=False).tolist()) if num_test_patients else set()
     train_frames = [f for f in frames if f.patient not in test_patients]
     test_frames = [f for f in frames if f.patient in test_patients]
     splits = patient_grouped_splits([f.case for f in train_frames])
+    keep_dense = set(choice.cases_keeping_dense_labels([f.case for f in train_frames]))
     folders = []
-    for twin, dataset_id, name in (("scribble", scribble_id, "ACDC"), ("dense", dense_id, "ACDCDense")):
-        labels = dict(ACDC_LABELS, **({"ignore": IGNORE_LABEL} if twin == "scribble" else {}))
+    for twin_choice, dataset_id, name in ((choice, scribble_id, "ACDC"), (None, dense_id, "ACDCDense")):
+        weak = twin_choice is not None and twin_choice.needs_ignore_label
+        labels = dict(ACDC_LABELS, **({"ignore": IGNORE_LABEL} if weak else {}))
         dataset_name = f"Dataset{dataset_id:03d}_{name}"
         folders.append(write_raw_dataset(
             raw_root, dataset_name, {"0": "cineMRI"}, labels,
-            training=[partial(acdc_case, f, twin, True, seed) for f in train_frames],
-            test=[partial(acdc_case, f, twin, False, seed) for f in test_frames],
+            training=[partial(acdc_case, f, twin_choice, f.case in keep_dense, True) for f in train_frames],
+            test=[partial(acdc_case, f, None, False, False) for f in test_frames],
             overwrite=overwrite, num_processes=num_processes,
             extra_json={"description": "ACDC (Bernard et al., IEEE TMI 2018); scribbles: Valvano et al., "
                                        "IEEE TMI 2021 where hand-drawn",
+                        "supervision": (twin_choice or SupervisionChoice("dense")).describe(),
                         "test_patients": sorted(test_patients)}))
         write_json_atomic(splits, preprocessed_root / dataset_name / "splits_final.json")
     print(f"{len(train_frames)} training frames, {len(test_frames)} test frames of {len(test_patients)} patients; "
@@ -282,5 +285,5 @@ def convert_acdc_from_args(args) -> tuple[Path, Path]:
                          if p.name[: -len("_scribble.nii.gz")] not in known)
         if orphans:
             raise UserInputError(f"Scribble file(s) without an image: {orphans[:3]} in {scribbles}.")
-    return convert_acdc(frames, raw, preprocessed, args.scribble_id, args.dense_id, args.test_patients,
-                        args.seed, args.overwrite, args.np)
+    return convert_acdc(frames, raw, preprocessed, choice_from_args(args), args.scribble_id, args.dense_id,
+                        args.test_patients, args.overwrite, args.np)

@@ -87,6 +87,7 @@ def _cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_weak.budget import NAMED_BUDGETS
+    from nnunet_weak.supervision_choice import add_supervision_arguments
     budgets = f"{', '.join(NAMED_BUDGETS)} or <epochs>x<iterations>"
     parser = argparse.ArgumentParser(
         prog="nnunet-weak",
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scribble_id", type=int, default=27, help="id of the scribble dataset (default 27)")
     q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
     q.add_argument("--test_patients", type=int, default=20, help="whole patients held out for testing (default 20)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the test choice and of simulated scribbles")
+    add_supervision_arguments(q)
     q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
     q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
     q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")

@@ -184,6 +184,17 @@ def test_existing_dataset_needs_overwrite(official_layout, nnunet_folders, capsy
     assert _convert(["--official", str(root), "--overwrite"]) == 0
 
 
+def test_semi_supervised_acdc(official_layout, nnunet_folders):
+    root, _ = official_layout
+    assert _convert(["--official", str(root), "--supervision", "semi", "--labelled_count", "3"]) == 0
+    manifest = load_raw_dataset(27).manifest
+    dense_cases = manifest.cases_with("dense")
+    assert len(dense_cases) == 3 and len(manifest.cases_with("unlabelled")) == 7
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(load_raw_dataset(27).folder / "labelsTr" /
+                                                      f"{manifest.cases_with('unlabelled')[0]}.nii.gz")))
+    assert np.all(label == 4)
+
+
 def test_patient_grouped_splits():
     cases = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 11) for f in (1, 12)]
     splits = patient_grouped_splits(cases)
