@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_weak.atomic import write_json_atomic
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
+from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
 from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
@@ -153,7 +152,7 @@ def find_h5_frames(folder: Path, spacing_table: Path | None = None,
     return frames
 
 
-def load_frame(frame: AcdcFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[float, ...]]:
+def load_frame(frame: AcdcFrame) -> LoadedCase:
     """Image, dense label, real scribble (or ``None``) and (z, y, x) spacing of one frame."""
     if frame.label is not None:
         image, spacing = _read_nifti(frame.image)
@@ -183,21 +182,7 @@ def load_frame(frame: AcdcFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
     if scribble is not None and (scribble.min() < 0 or scribble.max() > IGNORE_LABEL):
         raise UserInputError(f"{frame.case}: scribble values {sorted(np.unique(scribble).tolist())} are outside "
                              f"0..4 (4 = not annotated).")
-    return image.astype(np.float32), label.astype(np.uint8), scribble, spacing
-
-
-def acdc_case(frame: AcdcFrame, choice: SupervisionChoice | None, keeps_dense_label: bool,
-              training: bool) -> CaseRecord:
-    """The record of one frame: dense (test cases, the dense twin: ``choice=None``) or as ``choice`` says."""
-    image, label, real_scribble, spacing = load_frame(frame)
-    if not training or choice is None:
-        return CaseRecord(frame.case, [image], spacing, label, supervision="dense")
-    weak, supervision, weak_label, provenance = choice.make_label(frame.case, label, IGNORE_LABEL,
-                                                                  keeps_dense_label, real_scribble)
-    if provenance.get("source") == "hand-drawn":
-        provenance = {"source": "hand-drawn (Valvano et al.)"}
-    return CaseRecord(frame.case, [image], spacing, weak, dense_label=label, supervision=supervision,
-                      weak_label=weak_label, provenance=provenance)
+    return LoadedCase([image.astype(np.float32)], spacing, label.astype(np.uint8), scribble)
 
 
 def patient_grouped_splits(cases: list[str], seed: int = 12345, n_folds: int = 5) -> list[dict]:
@@ -239,26 +224,18 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
     test_patients = set(rng.choice(patients, num_test_patients, replace=False).tolist()) if num_test_patients else set()
     train_frames = [f for f in frames if f.patient not in test_patients]
     test_frames = [f for f in frames if f.patient in test_patients]
-    splits = patient_grouped_splits([f.case for f in train_frames])
-    keep_dense = set(choice.cases_keeping_dense_labels([f.case for f in train_frames]))
-    folders = []
-    for twin_choice, dataset_id, name in ((choice, scribble_id, "ACDC"), (None, dense_id, "ACDCDense")):
-        weak = twin_choice is not None and twin_choice.needs_ignore_label
-        labels = dict(ACDC_LABELS, **({"ignore": IGNORE_LABEL} if weak else {}))
-        dataset_name = f"Dataset{dataset_id:03d}_{name}"
-        folders.append(write_raw_dataset(
-            raw_root, dataset_name, {"0": "cineMRI"}, labels,
-            training=[partial(acdc_case, f, twin_choice, f.case in keep_dense, True) for f in train_frames],
-            test=[partial(acdc_case, f, None, False, False) for f in test_frames],
-            overwrite=overwrite, num_processes=num_processes,
-            extra_json={"description": "ACDC (Bernard et al., IEEE TMI 2018); scribbles: Valvano et al., "
-                                       "IEEE TMI 2021 where hand-drawn",
-                        "supervision": (twin_choice or SupervisionChoice("dense")).describe(),
-                        "test_patients": sorted(test_patients)}))
-        write_json_atomic(splits, preprocessed_root / dataset_name / "splits_final.json")
+    folders = write_twins(
+        raw_root, preprocessed_root, (f"Dataset{scribble_id:03d}_ACDC", f"Dataset{dense_id:03d}_ACDCDense"),
+        {"0": "cineMRI"}, ACDC_LABELS, choice,
+        training={f.case: partial(load_frame, f) for f in train_frames},
+        test={f.case: partial(load_frame, f) for f in test_frames},
+        splits=patient_grouped_splits([f.case for f in train_frames]),
+        overwrite=overwrite, num_processes=num_processes,
+        extra_json={"description": "ACDC (Bernard et al., IEEE TMI 2018); hand-drawn scribbles: Valvano et "
+                                   "al., IEEE TMI 2021", "test_patients": sorted(test_patients)})
     print(f"{len(train_frames)} training frames, {len(test_frames)} test frames of {len(test_patients)} patients; "
           f"the manifests record which scribbles are hand-drawn and which simulated.")
-    return folders[0], folders[1]
+    return folders
 
 
 def convert_acdc_from_args(args) -> tuple[Path, Path]:
