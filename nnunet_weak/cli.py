@@ -43,6 +43,12 @@ def _cmd_convert_acdc(args) -> None:
     print(f"Wrote {scribble}\nWrote {dense}")
 
 
+def _cmd_convert_la(args) -> None:
+    from nnunet_weak.dataset_conversion.la import convert_la_from_args
+    semi, dense = convert_la_from_args(args)
+    print(f"Wrote {semi}\nWrote {dense}")
+
+
 def _cmd_evaluate(args) -> None:
     from pathlib import Path
     from nnunet_weak.evaluation import score_cases
@@ -160,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
     q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     q.set_defaults(func=_cmd_convert_acdc)
+
+    q = conv.add_parser("la", help="LA (official NRRD or UA-MT HDF5), semi-supervised, with a dense twin",
+                        description="Convert the left atrium data into a semi-supervised dataset (the first "
+                                    "--labelled_count cases of the training list keep labels, the rest are "
+                                    "unlabelled) and its dense twin, with the test list in imagesTs/labelsTs.")
+    q.add_argument("--official", default=None, help="folder of <ID>/lgemri.nrrd + laendo.nrrd")
+    q.add_argument("--h5", default=None, help="folder of <ID>/mri_norm2.h5 (UA-MT layout)")
+    q.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="voxel spacing in mm for --h5 (the originals: 0.625 0.625 0.625)")
+    q.add_argument("--train_list", default=None, help="ordered training case ids, one per line (default: all, sorted)")
+    q.add_argument("--test_list", default=None, help="test case ids, one per line (default: no test set)")
+    q.add_argument("--id", type=int, default=37, help="id of the semi-supervised dataset (default 37)")
+    q.add_argument("--dense_id", type=int, default=137, help="id of the dense twin (default 137)")
+    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    add_supervision_arguments(q, default_mode="semi")
+    q.set_defaults(func=_cmd_convert_la)
 
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",
                        description="Score a folder of predictions against the dense labels of a dataset: "
