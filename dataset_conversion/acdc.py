@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
+from nnunet_weak.raw_dataset import check_same_grid, read_volume
 from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
 from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
@@ -59,15 +60,6 @@ class AcdcFrame:
     @property
     def patient(self) -> str:
         return CASE_PATTERN.match(self.case).group(1)
-
-
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise UserInputError(f"{path} cannot be read as an image ({str(e).strip().splitlines()[-1]}). "
-                             f"Replace the file with an intact copy.")
-    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
 
 
 def _read_info_cfg(path: Path) -> dict[str, int]:
@@ -154,11 +146,11 @@ def find_h5_frames(folder: Path, spacing_table: Path | None = None,
 
 def load_frame(frame: AcdcFrame) -> LoadedCase:
     """Image, dense label, real scribble (or ``None``) and (z, y, x) spacing of one frame."""
+    geometry = None
     if frame.label is not None:
-        image, spacing = _read_nifti(frame.image)
-        label, label_spacing = _read_nifti(frame.label)
-        if not np.allclose(spacing, label_spacing, rtol=1e-3):
-            raise UserInputError(f"{frame.label} has spacing {label_spacing}, its image {spacing}.")
+        image_volume, label_volume = read_volume(frame.image), read_volume(frame.label)
+        check_same_grid(image_volume, label_volume, frame.case)
+        (image, spacing, geometry), label = image_volume, label_volume[0]
         scribble = None
     else:
         import h5py
@@ -171,7 +163,7 @@ def load_frame(frame: AcdcFrame) -> LoadedCase:
                                  f"({e}).")
         spacing = frame.spacing
     if frame.scribble is not None:
-        scribble, _ = _read_nifti(frame.scribble)
+        scribble = read_volume(frame.scribble)[0]
     for name, array in (("label", label), ("scribble", scribble)):
         if array is not None and array.shape != image.shape:
             raise UserInputError(f"{frame.case}: {name} shape {array.shape} differs from image shape {image.shape}.")
@@ -182,7 +174,7 @@ def load_frame(frame: AcdcFrame) -> LoadedCase:
     if scribble is not None and (scribble.min() < 0 or scribble.max() > IGNORE_LABEL):
         raise UserInputError(f"{frame.case}: scribble values {sorted(np.unique(scribble).tolist())} are outside "
                              f"0..4 (4 = not annotated).")
-    return LoadedCase([image.astype(np.float32)], spacing, label.astype(np.uint8), scribble)
+    return LoadedCase([image.astype(np.float32)], spacing, label.astype(np.uint8), scribble, geometry)
 
 
 def patient_grouped_splits(cases: list[str], seed: int = 12345, n_folds: int = 5) -> list[dict]:

@@ -17,10 +17,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
+from nnunet_weak.raw_dataset import check_same_grid, read_volume
 from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
 from nnunet_weak.supervision_choice import choice_from_args
 
@@ -40,23 +40,16 @@ def read_case_list(path: Path) -> list[str]:
 
 def load_official(folder: Path) -> LoadedCase:
     image_file, label_file = folder / "lgemri.nrrd", folder / "laendo.nrrd"
-    arrays = []
     for path in (image_file, label_file):
         if not path.is_file():
             raise UserInputError(f"{path} is missing (official LA layout: <ID>/lgemri.nrrd and <ID>/laendo.nrrd).")
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError:
-            raise UserInputError(f"{path} cannot be read as NRRD; replace it with an intact copy.")
-        arrays.append((sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))))
-    (image, spacing), (label, label_spacing) = arrays
-    if image.shape != label.shape or not np.allclose(spacing, label_spacing, rtol=1e-3):
-        raise UserInputError(f"{folder.name}: image {image.shape} / {spacing} and label {label.shape} / "
-                             f"{label_spacing} differ in shape or spacing.")
-    values = set(np.unique(label).tolist())
+    image, label = read_volume(image_file), read_volume(label_file)
+    check_same_grid(image, label, folder.name)
+    values = set(np.unique(label[0]).tolist())
     if not values <= {0, 255}:
         raise UserInputError(f"{label_file} has values {sorted(values)}; the LA label uses 0 and 255.")
-    return LoadedCase([image.astype(np.float32)], spacing, (label == 255).astype(np.uint8))
+    return LoadedCase([image[0].astype(np.float32)], image[1], (label[0] == 255).astype(np.uint8),
+                      geometry=image[2])
 
 
 def load_h5(path: Path, spacing_xyz: tuple[float, float, float]) -> LoadedCase:

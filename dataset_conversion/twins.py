@@ -15,19 +15,21 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from nnunet_weak.atomic import write_json_atomic
-from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
+from nnunet_weak.raw_dataset import CaseRecord, Geometry, write_raw_dataset
 from nnunet_weak.supervision_choice import SupervisionChoice
 
 
 @dataclass(frozen=True)
 class LoadedCase:
     """One case as read from its source: channels and dense label (z, y, x), spacing (z, y, x) mm,
-    and the real weak label when the source has one (hand-drawn scribbles, ignore = highest + 1)."""
+    the real weak label when the source has one (hand-drawn scribbles, ignore = highest + 1), and
+    the source's origin and orientation when it has them."""
 
     channels: Sequence[np.ndarray]
     spacing: tuple[float, ...]
     dense: np.ndarray
     real_weak: np.ndarray | None = None
+    geometry: Geometry | None = None
 
 
 def case_record(load: Callable[[], LoadedCase], case: str, choice: SupervisionChoice | None,
@@ -35,11 +37,13 @@ def case_record(load: Callable[[], LoadedCase], case: str, choice: SupervisionCh
     """The record of one case: dense when ``choice`` is ``None`` (test cases, the dense twin)."""
     loaded = load()
     if choice is None:
-        return CaseRecord(case, list(loaded.channels), loaded.spacing, loaded.dense, supervision="dense")
+        return CaseRecord(case, list(loaded.channels), loaded.spacing, loaded.dense, supervision="dense",
+                          geometry=loaded.geometry)
     label, supervision, weak_label, provenance = choice.make_label(case, loaded.dense, ignore_label,
                                                                   keeps_dense_label, loaded.real_weak)
     return CaseRecord(case, list(loaded.channels), loaded.spacing, label, dense_label=loaded.dense,
-                      supervision=supervision, weak_label=weak_label, provenance=provenance)
+                      supervision=supervision, weak_label=weak_label, provenance=provenance,
+                      geometry=loaded.geometry)
 
 
 def write_twins(raw_root: Path, preprocessed_root: Path, names: tuple[str, str], channel_names: Mapping[str, str],

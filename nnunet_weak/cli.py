@@ -49,6 +49,12 @@ def _cmd_convert_la(args) -> None:
     print(f"Wrote {semi}\nWrote {dense}")
 
 
+def _cmd_convert_chaos(args) -> None:
+    from nnunet_weak.dataset_conversion.chaos import convert_chaos_from_args
+    weak, dense = convert_chaos_from_args(args)
+    print(f"Wrote {weak}\nWrote {dense}")
+
+
 def _cmd_evaluate(args) -> None:
     from pathlib import Path
     from nnunet_weak.evaluation import score_cases
@@ -184,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     add_supervision_arguments(q, default_mode="semi")
     q.set_defaults(func=_cmd_convert_la)
+
+    q = conv.add_parser("chaos", help="CHAOS MRI (official DICOM + PNG or NIfTI), weak labels, with a dense twin",
+                        description="Convert CHAOS MRI (liver, kidneys, spleen) into a dataset with generated "
+                                    "weak labels (scribbles by default) and its dense twin, with held-out test "
+                                    "subjects.")
+    q.add_argument("--official", default=None, help="folder of subject folders <ID>/T2SPIR|T1DUAL/{DICOM_anon,Ground}")
+    q.add_argument("--nifti", default=None, help="folder of image_<id>.nii.gz + label_<id>.nii.gz")
+    q.add_argument("--modality", choices=["T2SPIR", "T1DUAL"], default="T2SPIR",
+                   help="official layout: which sequence (T1DUAL gives in- and out-phase channels)")
+    q.add_argument("--test_subjects", type=int, default=4, help="subjects held out for testing (default 4)")
+    q.add_argument("--id", type=int, default=38, help="id of the weakly labelled dataset (default 38)")
+    q.add_argument("--dense_id", type=int, default=138, help="id of the dense twin (default 138)")
+    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    add_supervision_arguments(q)
+    q.set_defaults(func=_cmd_convert_chaos)
 
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",
                        description="Score a folder of predictions against the dense labels of a dataset: "

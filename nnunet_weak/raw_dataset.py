@@ -179,10 +179,47 @@ def load_raw_dataset(dataset: int | str | os.PathLike) -> RawDataset:
     return RawDataset(folder, dataset_json, training_cases, manifest)
 
 
-def write_volume(array: np.ndarray, spacing: Sequence[float], path: str | os.PathLike) -> None:
-    """Write a (z, y, x) array with (z, y, x) spacing in mm as an image file (e.g. ``.nii.gz``)."""
+@dataclass(frozen=True)
+class Geometry:
+    """Where a volume lies in the scanner: SimpleITK's origin and direction (x, y, z order)."""
+
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], Geometry]:
+    """A (z, y, x) array, its (z, y, x) spacing in mm and its geometry, from any file SimpleITK reads."""
+    if not Path(path).is_file():
+        raise UserInputError(f"{path} does not exist.")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise UserInputError(f"{path} cannot be read as an image ({str(e).strip().splitlines()[-1]}). "
+                             f"Replace it with an intact copy.")
+    return (sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing())),
+            Geometry.of(image))
+
+
+def check_same_grid(image: tuple, label: tuple, what: str) -> None:
+    """Refuse an image and a label (as returned by ``read_volume``) that differ in shape or spacing."""
+    if image[0].shape != label[0].shape or not np.allclose(image[1], label[1], rtol=1e-3):
+        raise UserInputError(f"{what}: image {image[0].shape} / {image[1]} mm and label {label[0].shape} / "
+                             f"{label[1]} mm differ in shape or spacing.")
+
+
+def write_volume(array: np.ndarray, spacing: Sequence[float], path: str | os.PathLike,
+                 geometry: Geometry | None = None) -> None:
+    """Write a (z, y, x) array with (z, y, x) spacing in mm as an image file (e.g. ``.nii.gz``),
+    keeping the source's origin and orientation when ``geometry`` is given."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing([float(s) for s in reversed(spacing)])
+    if geometry is not None:
+        image.SetOrigin(geometry.origin)
+        image.SetDirection(geometry.direction)
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
@@ -200,6 +237,7 @@ class CaseRecord:
         supervision: the manifest entry kind (``dense``, ``sparse``, ``unlabelled``).
         weak_label: what kind of weak label ``label`` is, for sparse cases.
         provenance: how the label was made (JSON-serialisable), stored in the manifest.
+        geometry: origin and orientation of the source, kept in the written files.
     """
 
     identifier: str
@@ -210,6 +248,7 @@ class CaseRecord:
     supervision: str = "dense"
     weak_label: str | None = None
     provenance: Mapping = field(default_factory=dict)
+    geometry: Geometry | None = None
 
 
 CaseSource = Union[CaseRecord, Callable[[], CaseRecord]]
@@ -289,7 +328,8 @@ def _write_case(stage: Path, split: str, source: CaseSource, ending: str,
         if channel.shape != case.channels[0].shape:
             raise UserInputError(f"Case '{case.identifier}': channel {c} has shape {channel.shape}, channel 0 "
                                  f"{case.channels[0].shape}.")
-        write_volume(channel.astype(np.float32), case.spacing, stage / image_dir / f"{case.identifier}_{c:04d}{ending}")
+        write_volume(channel.astype(np.float32), case.spacing, stage / image_dir / f"{case.identifier}_{c:04d}{ending}",
+                     case.geometry)
     if case.label is not None:
         _check_label_values(case.label, allowed if split == "train" else dense_values,
                             f"label of case '{case.identifier}'")
@@ -299,7 +339,8 @@ def _write_case(stage: Path, split: str, source: CaseSource, ending: str,
                 f"{case.channels[0].shape}."
             )
         (stage / label_dir).mkdir(exist_ok=True)
-        write_volume(case.label.astype(np.uint8), case.spacing, stage / label_dir / f"{case.identifier}{ending}")
+        write_volume(case.label.astype(np.uint8), case.spacing, stage / label_dir / f"{case.identifier}{ending}",
+                     case.geometry)
     if split != "train":
         return case.identifier, None
     if case.label is None:
@@ -313,7 +354,7 @@ def _write_case(stage: Path, split: str, source: CaseSource, ending: str,
                                  f"from label shape {case.label.shape}.")
         (stage / "labelsTr_dense").mkdir(exist_ok=True)
         dense_rel = f"labelsTr_dense/{case.identifier}{ending}"
-        write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel)
+        write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel, case.geometry)
     return case.identifier, CaseSupervision(case.supervision, dense_rel, case.weak_label, dict(case.provenance))
 
 
