@@ -55,6 +55,14 @@ def _cmd_convert_chaos(args) -> None:
     print(f"Wrote {weak}\nWrote {dense}")
 
 
+def _cmd_convert_folders(args) -> None:
+    from nnunet_weak.dataset_conversion.folders import convert_folders_from_args
+    if args.labels is not None and args.dense_id is None:
+        raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
+    for folder in convert_folders_from_args(args):
+        print(f"Wrote {folder}")
+
+
 def _cmd_evaluate(args) -> None:
     from pathlib import Path
     from nnunet_weak.evaluation import score_cases
@@ -207,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
     add_supervision_arguments(q)
     q.set_defaults(func=_cmd_convert_chaos)
+
+    q = conv.add_parser("folders", help="your own folders of images, dense labels and/or scribbles",
+                        description="Convert your own data: --images (<case>.nii.gz or <case>_0000.nii.gz ...), "
+                                    "optional --labels and --scribbles (<case>.nii.gz). With dense labels: a "
+                                    "dataset with the chosen supervision and its dense twin; without: one "
+                                    "dataset of scribbled (sparse) and unlabelled cases.")
+    q.add_argument("--images", required=True, help="folder of images")
+    q.add_argument("--labels", default=None, help="folder of dense labels (values 0..number of classes)")
+    q.add_argument("--scribbles", default=None, help="folder of scribbles")
+    q.add_argument("--scribble_ignore", type=int, default=None,
+                   help="value of un-annotated voxels in your scribbles (default: number of classes + 1)")
+    q.add_argument("--classes", nargs="+", required=True, help="class names for label values 1, 2, ...")
+    q.add_argument("--channel_names", nargs="+", default=None, help="one name per image channel (e.g. CT, T2)")
+    q.add_argument("--name", required=True, help="dataset name (DatasetXXX_<name>)")
+    q.add_argument("--id", type=int, required=True, help="dataset id")
+    q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
+    q.add_argument("--test_cases", type=int, default=0, help="cases held out for testing, with --labels (default 0)")
+    q.add_argument("--file_ending", default=".nii.gz", help="ending of your files (default .nii.gz)")
+    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    add_supervision_arguments(q)
+    q.set_defaults(func=_cmd_convert_folders)
 
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",
                        description="Score a folder of predictions against the dense labels of a dataset: "

@@ -1,0 +1,143 @@
+"""A user's own data: folders of images, optional dense labels, optional scribbles.
+
+Layout: ``--images`` holds ``<case>.nii.gz`` (one channel) or ``<case>_0000.nii.gz``,
+``<case>_0001.nii.gz``, ... (several channels, nnU-Net's naming); ``--labels`` and ``--scribbles``
+hold ``<case>.nii.gz``. Any format SimpleITK reads works (``--file_ending``).
+
+- With dense labels for every case: a dataset with the chosen supervision (``--supervision``; real
+  scribbles are used where given) and its dense twin, a seeded held-out test set and shared splits,
+  as for the public datasets.
+- Without dense labels: one dataset; cases with scribbles are sparse, the others unlabelled; no
+  test set (nothing to score against). Scribbles mark un-annotated voxels with
+  ``--scribble_ignore`` (default: number of classes + 1, the ignore label).
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
+from nnunet_weak.environment import required_folder
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, read_volume, write_raw_dataset
+from nnunet_weak.supervision_choice import choice_from_args
+
+
+def find_images(folder: Path, ending: str) -> dict[str, list[Path]]:
+    """Case id to its channel files, for single-channel ``<case>`` or nnU-Net ``<case>_XXXX`` names."""
+    files = sorted(f for f in folder.iterdir() if f.name.endswith(ending))
+    if not files:
+        raise UserInputError(f"{folder} holds no '*{ending}' images.")
+    stems = [f.name[: -len(ending)] for f in files]
+    channel = re.compile(r"^(.+)_(\d{4})$")
+    if all(channel.match(s) for s in stems):
+        cases: dict[str, list[Path]] = {}
+        for f, stem in zip(files, stems):
+            cases.setdefault(channel.match(stem).group(1), []).append(f)
+        counts = {len(v) for v in cases.values()}
+        if len(counts) != 1:
+            raise UserInputError(f"Cases in {folder} have different numbers of channels ({sorted(counts)}).")
+        for case, channels in cases.items():
+            expected = [folder / f"{case}_{c:04d}{ending}" for c in range(len(channels))]
+            if channels != expected:
+                raise UserInputError(f"Case '{case}' in {folder}: channels must be numbered _0000, _0001, ... "
+                                     f"without gaps.")
+        return cases
+    return {s: [f] for f, s in zip(files, stems)}
+
+
+def load_own_case(images: list[Path], label: Path | None, scribble: Path | None, num_classes: int,
+                  scribble_ignore: int) -> LoadedCase:
+    """Channels, spacing, geometry, dense label (zeros if none) and the scribble mapped to ignore = classes + 1."""
+    volumes = [read_volume(p) for p in images]
+    for v, p in zip(volumes[1:], images[1:]):
+        check_same_grid(volumes[0], v, p.name)
+    dense = np.zeros(volumes[0][0].shape, np.uint8)
+    if label is not None:
+        label_volume = read_volume(label)
+        check_same_grid(volumes[0], label_volume, label.name)
+        values = sorted(set(np.unique(label_volume[0]).tolist()))
+        if values[0] < 0 or values[-1] > num_classes:
+            raise UserInputError(f"{label} has values {values}; with {num_classes} classes they must lie in "
+                                 f"0..{num_classes}.")
+        dense = label_volume[0].astype(np.uint8)
+    real_weak = None
+    if scribble is not None:
+        scribble_volume = read_volume(scribble)
+        check_same_grid(volumes[0], scribble_volume, scribble.name)
+        values = set(np.unique(scribble_volume[0]).tolist())
+        unexpected = sorted(values - set(range(num_classes + 1)) - {scribble_ignore})
+        if unexpected:
+            raise UserInputError(f"{scribble} has values {unexpected}; scribbles use 0..{num_classes} and "
+                                 f"{scribble_ignore} for un-annotated voxels.")
+        real_weak = np.where(scribble_volume[0] == scribble_ignore, num_classes + 1, scribble_volume[0]).astype(np.uint8)
+    return LoadedCase([v[0].astype(np.float32) for v in volumes], volumes[0][1], dense, real_weak, volumes[0][2])
+
+
+def sparse_or_unlabelled_case(load, case: str, ignore_label: int) -> CaseRecord:
+    """A case without dense label: its own scribble (sparse) or nothing (unlabelled)."""
+    loaded = load()
+    if loaded.real_weak is not None:
+        return CaseRecord(case, list(loaded.channels), loaded.spacing, loaded.real_weak, supervision="sparse",
+                          weak_label="scribble", provenance={"source": "user scribbles"}, geometry=loaded.geometry)
+    return CaseRecord(case, list(loaded.channels), loaded.spacing, np.full(loaded.dense.shape, ignore_label, np.uint8),
+                      supervision="unlabelled", geometry=loaded.geometry)
+
+
+def convert_folders_from_args(args) -> list[Path]:
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
+    preprocessed = required_folder("nnUNet_preprocessed")
+    ending = args.file_ending
+    folders = {}
+    for name in ("images", "labels", "scribbles"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_dir():
+            raise UserInputError(f"--{name} folder {value} does not exist.")
+        folders[name] = Path(value) if value is not None else None
+    if folders["labels"] is None and folders["scribbles"] is None:
+        raise UserInputError("Give dense labels (--labels), scribbles (--scribbles) or both.")
+    images = find_images(folders["images"], ending)
+    if args.channel_names and len(args.channel_names) != len(next(iter(images.values()))):
+        raise UserInputError(f"{len(args.channel_names)} channel names for {len(next(iter(images.values())))} channels.")
+    channel_names = {str(i): n for i, n in enumerate(args.channel_names or ["image"] * len(next(iter(images.values()))))}
+    classes = {"background": 0, **{name: i + 1 for i, name in enumerate(args.classes)}}
+    num_classes = len(args.classes)
+    scribble_ignore = args.scribble_ignore if args.scribble_ignore is not None else num_classes + 1
+
+    def files_in(folder: Path | None) -> dict[str, Path]:
+        if folder is None:
+            return {}
+        found = {f.name[: -len(ending)]: f for f in folder.iterdir() if f.name.endswith(ending)}
+        orphans = sorted(set(found) - set(images))
+        if orphans:
+            raise UserInputError(f"{folder} has file(s) for case(s) without an image: {orphans[:3]}.")
+        return found
+
+    labels, scribbles = files_in(folders["labels"]), files_in(folders["scribbles"])
+    loaders = {c: partial(load_own_case, images[c], labels.get(c), scribbles.get(c), num_classes, scribble_ignore)
+               for c in images}
+    name = f"Dataset{args.id:03d}_{args.name}"
+    if folders["labels"] is not None:
+        missing = sorted(set(images) - set(labels))
+        if missing:
+            raise UserInputError(f"Case(s) {missing[:3]} have no dense label in {folders['labels']}; give labels for "
+                                 f"every case, or leave --labels out (scribbles only).")
+        cases = sorted(images)
+        if not 0 <= args.test_cases <= len(cases) - 5:
+            raise UserInputError(f"{args.test_cases} test cases of {len(cases)} leave fewer than 5 training cases; "
+                                 f"lower --test_cases.")
+        choice = choice_from_args(args)
+        test = set(np.random.RandomState(choice.seed).choice(cases, args.test_cases, replace=False).tolist())
+        train = [c for c in cases if c not in test]
+        return list(write_twins(raw, preprocessed, (name, f"Dataset{args.dense_id:03d}_{args.name}Dense"),
+                                channel_names, classes, choice, {c: loaders[c] for c in train},
+                                {c: loaders[c] for c in sorted(test)},
+                                generate_crossval_split(train, seed=12345, n_splits=5), args.overwrite, args.np))
+    ignore = num_classes + 1
+    return [write_raw_dataset(raw, name, channel_names, dict(classes, ignore=ignore),
+                              [partial(sparse_or_unlabelled_case, loaders[c], c, ignore) for c in sorted(images)],
+                              overwrite=args.overwrite, file_ending=".nii.gz", num_processes=args.np)]

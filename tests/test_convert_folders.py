@@ -1,0 +1,84 @@
+"""A user's own folders: images, dense labels and/or scribbles."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_weak.cli import main
+from nnunet_weak.raw_dataset import load_raw_dataset
+
+CASES = [f"subject{i}" for i in range(7)]
+
+
+def _write(array, path, spacing=(1.0, 1.0, 3.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.fixture
+def own_data(tmp_path):
+    for sub in ("images", "labels", "scribbles"):
+        (tmp_path / sub).mkdir()
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(CASES):
+        label = np.zeros((3, 12, 12), np.uint8)
+        label[:, 2:6, 2:6] = 1
+        label[:, 7:10, 6:11] = 2
+        _write(rng.normal(0, 1, label.shape).astype(np.float32), tmp_path / "images" / f"{case}_0000.nii.gz")
+        _write(rng.normal(5, 1, label.shape).astype(np.float32), tmp_path / "images" / f"{case}_0001.nii.gz")
+        _write(label, tmp_path / "labels" / f"{case}.nii.gz")
+        if i % 2 == 0:  # the user's scribbles: 9 = not annotated
+            scribble = np.full(label.shape, 9, np.uint8)
+            scribble[:, 3, 3:5] = 1
+            scribble[:, 8, 7:10] = 2
+            scribble[:, 0, :] = 0
+            _write(scribble, tmp_path / "scribbles" / f"{case}.nii.gz")
+    return tmp_path
+
+
+def _args(root, *extra):
+    return ["convert", "folders", "--images", str(root / "images"), "--classes", "organ", "lesion",
+            "--channel_names", "T1", "T2", "--name", "Mine", "--id", "501", *extra]
+
+
+def test_with_labels_and_some_scribbles(own_data, nnunet_folders):
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--scribbles", str(own_data / "scribbles"),
+                      "--scribble_ignore", "9", "--dense_id", "601", "--test_cases", "2")) == 0
+    weak, dense = load_raw_dataset(501), load_raw_dataset(601)
+    assert weak.dataset_json["labels"] == {"background": 0, "organ": 1, "lesion": 2, "ignore": 3}
+    assert weak.dataset_json["channel_names"] == {"0": "T1", "1": "T2"}
+    assert len(weak.training_cases) == 5 and len(weak.test_cases()) == 2
+    for case, entry in weak.manifest.cases.items():
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(weak.folder / "labelsTr" / f"{case}.nii.gz")))
+        if CASES.index(case) % 2 == 0:
+            assert entry.provenance == {"source": "hand-drawn"}
+            assert set(np.unique(label).tolist()) == {0, 1, 2, 3}  # 9 became the ignore label 3
+        else:
+            assert entry.provenance["generator"] == "scribble"
+    assert dense.manifest.cases_with("dense") == dense.training_cases
+
+
+def test_scribbles_only(own_data, nnunet_folders):
+    assert main(_args(own_data, "--scribbles", str(own_data / "scribbles"), "--scribble_ignore", "9")) == 0
+    dataset = load_raw_dataset(501)
+    assert dataset.manifest.cases_with("sparse") == sorted(CASES[0::2])
+    assert dataset.manifest.cases_with("unlabelled") == sorted(CASES[1::2])
+    assert all(e.dense_label is None for e in dataset.manifest.cases.values())
+
+
+def test_errors(own_data, nnunet_folders, capsys):
+    assert main(_args(own_data, "--labels", str(own_data / "labels"))) == 2
+    assert "--dense_id" in capsys.readouterr().err
+    assert main(_args(own_data, "--scribbles", str(own_data / "scribbles"))) == 2
+    assert "[9]" in capsys.readouterr().err  # 9 is not the default ignore value (3)
+    (own_data / "labels" / "ghost.nii.gz").write_bytes((own_data / "labels" / "subject0.nii.gz").read_bytes())
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601")) == 2
+    assert "without an image" in capsys.readouterr().err
+    (own_data / "labels" / "ghost.nii.gz").unlink()
+    _write(np.full((3, 12, 12), 5, np.uint8), own_data / "labels" / "subject3.nii.gz")
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601")) == 2
+    assert "must lie in 0..2" in capsys.readouterr().err
+    _write(np.zeros((3, 10, 12), np.uint8), own_data / "labels" / "subject3.nii.gz")
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601")) == 2
+    assert "differ in shape" in capsys.readouterr().err
+    assert not any(nnunet_folders["nnUNet_raw"].iterdir())
