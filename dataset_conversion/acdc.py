@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import check_same_grid, read_volume
-from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, write_twins
 from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
@@ -208,12 +208,7 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
     duplicates = sorted({c for c in cases if cases.count(c) > 1})
     if duplicates:
         raise UserInputError(f"Duplicate case ids: {duplicates[:3]}.")
-    patients = sorted({f.patient for f in frames})
-    if num_test_patients >= len(patients):
-        raise UserInputError(f"{num_test_patients} test patients requested but only {len(patients)} patients "
-                             f"given; lower --test_patients.")
-    rng = np.random.RandomState(choice.seed)
-    test_patients = set(rng.choice(patients, num_test_patients, replace=False).tolist()) if num_test_patients else set()
+    _, test_patients = hold_out({f.patient for f in frames}, num_test_patients, choice.seed, "--test_patients")
     train_frames = [f for f in frames if f.patient not in test_patients]
     test_frames = [f for f in frames if f.patient in test_patients]
     folders = write_twins(
@@ -224,13 +219,13 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
         splits=patient_grouped_splits([f.case for f in train_frames]),
         overwrite=overwrite, num_processes=num_processes,
         extra_json={"description": "ACDC (Bernard et al., IEEE TMI 2018); hand-drawn scribbles: Valvano et "
-                                   "al., IEEE TMI 2021", "test_patients": sorted(test_patients)})
+                                   "al., IEEE TMI 2021", "test_patients": test_patients})
     print(f"{len(train_frames)} training frames, {len(test_frames)} test frames of {len(test_patients)} patients; "
           f"the manifests record which scribbles are hand-drawn and which simulated.")
     return folders
 
 
-def convert_acdc_from_args(args) -> tuple[Path, Path]:
+def convert_from_args(args) -> tuple[Path, Path]:
     raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
     preprocessed = required_folder("nnUNet_preprocessed")
     scribbles = Path(args.scribbles) if args.scribbles else None

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, write_twins
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import Geometry, check_same_grid, read_volume
@@ -122,21 +122,16 @@ def find_subjects(args) -> tuple[dict, dict[str, str]]:
     return loaders, channels
 
 
-def convert_chaos_from_args(args) -> tuple[Path, Path]:
+def convert_from_args(args) -> tuple[Path, Path]:
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
     preprocessed = required_folder("nnUNet_preprocessed")
     loaders, channels = find_subjects(args)
-    subjects = sorted(loaders)
-    if not 0 <= args.test_subjects <= len(subjects) - 5:
-        raise UserInputError(f"{args.test_subjects} test subjects of {len(subjects)} leave fewer than the 5 training "
-                             f"subjects nnU-Net's folds need; lower --test_subjects.")
     choice = choice_from_args(args)
-    test = set(np.random.RandomState(choice.seed).choice(subjects, args.test_subjects, replace=False).tolist())
-    train = [s for s in subjects if s not in test]
+    train, test = hold_out(loaders, args.test_subjects, choice.seed, "--test_subjects")
     return write_twins(
         raw, preprocessed, (f"Dataset{args.id:03d}_CHAOS", f"Dataset{args.dense_id:03d}_CHAOSDense"), channels,
-        CHAOS_LABELS, choice, training={s: loaders[s] for s in train}, test={s: loaders[s] for s in sorted(test)},
+        CHAOS_LABELS, choice, training={s: loaders[s] for s in train}, test={s: loaders[s] for s in test},
         splits=generate_crossval_split(train, seed=12345, n_splits=5), overwrite=args.overwrite,
         num_processes=args.np,
         extra_json={"description": f"CHAOS MRI {args.modality} (Kavur et al., MedIA 2021)"})

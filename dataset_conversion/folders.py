@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, write_twins
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, read_volume, write_raw_dataset
@@ -87,7 +87,7 @@ def sparse_or_unlabelled_case(load, case: str, ignore_label: int) -> CaseRecord:
                       supervision="unlabelled", geometry=loaded.geometry)
 
 
-def convert_folders_from_args(args) -> list[Path]:
+def convert_from_args(args) -> list[Path]:
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
     preprocessed = required_folder("nnUNet_preprocessed")
@@ -98,6 +98,8 @@ def convert_folders_from_args(args) -> list[Path]:
         if value is not None and not Path(value).is_dir():
             raise UserInputError(f"--{name} folder {value} does not exist.")
         folders[name] = Path(value) if value is not None else None
+    if folders["labels"] is not None and args.dense_id is None:
+        raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
     if folders["labels"] is None and folders["scribbles"] is None:
         raise UserInputError("Give dense labels (--labels), scribbles (--scribbles) or both.")
     images = find_images(folders["images"], ending)
@@ -126,16 +128,11 @@ def convert_folders_from_args(args) -> list[Path]:
         if missing:
             raise UserInputError(f"Case(s) {missing[:3]} have no dense label in {folders['labels']}; give labels for "
                                  f"every case, or leave --labels out (scribbles only).")
-        cases = sorted(images)
-        if not 0 <= args.test_cases <= len(cases) - 5:
-            raise UserInputError(f"{args.test_cases} test cases of {len(cases)} leave fewer than 5 training cases; "
-                                 f"lower --test_cases.")
         choice = choice_from_args(args)
-        test = set(np.random.RandomState(choice.seed).choice(cases, args.test_cases, replace=False).tolist())
-        train = [c for c in cases if c not in test]
+        train, test = hold_out(images, args.test_cases, choice.seed, "--test_cases")
         return list(write_twins(raw, preprocessed, (name, f"Dataset{args.dense_id:03d}_{args.name}Dense"),
                                 channel_names, classes, choice, {c: loaders[c] for c in train},
-                                {c: loaders[c] for c in sorted(test)},
+                                {c: loaders[c] for c in test},
                                 generate_crossval_split(train, seed=12345, n_splits=5), args.overwrite, args.np))
     ignore = num_classes + 1
     return [write_raw_dataset(raw, name, channel_names, dict(classes, ignore=ignore),

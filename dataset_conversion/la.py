@@ -69,7 +69,7 @@ def load_h5(path: Path, spacing_xyz: tuple[float, float, float]) -> LoadedCase:
                       tuple(reversed(spacing_xyz)), np.ascontiguousarray(label.transpose(2, 1, 0)).astype(np.uint8))
 
 
-def convert_la_from_args(args) -> tuple[Path, Path]:
+def convert_from_args(args) -> tuple[Path, Path]:
     raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
     preprocessed = required_folder("nnUNet_preprocessed")
     if (args.official is None) == (args.h5 is None):

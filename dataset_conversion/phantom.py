@@ -11,6 +11,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+from nnunet_weak.environment import required_folder
 from nnunet_weak.phantom import PHANTOM_LABELS, generate_case
 from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
 from nnunet_weak.scribbles import simulate_scribbles
@@ -70,3 +71,9 @@ def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, 
             extra_json={"description": "nnunet-weak synthetic short-axis cardiac phantom",
                         "phantom_seed": seed}))
     return folders[0], folders[1]
+
+
+def convert_from_args(args) -> tuple[Path, Path]:
+    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
+    return convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
+                           (args.size, args.size), overwrite=args.overwrite, num_processes=args.np)

@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from nnunet_weak.atomic import write_json_atomic
+from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import CaseRecord, Geometry, write_raw_dataset
 from nnunet_weak.supervision_choice import SupervisionChoice
 
@@ -30,6 +31,17 @@ class LoadedCase:
     dense: np.ndarray
     real_weak: np.ndarray | None = None
     geometry: Geometry | None = None
+
+
+def hold_out(units: Sequence[str], count: int, seed: int, option: str) -> tuple[list[str], list[str]]:
+    """Split ``units`` (cases, subjects or patients) into training and a seeded choice of ``count``
+    test units, keeping the 5 training units nnU-Net's folds need."""
+    units = sorted(units)
+    if not 0 <= count <= len(units) - 5:
+        raise UserInputError(f"{count} test units of {len(units)} leave fewer than the 5 training units nnU-Net's "
+                             f"folds need; lower {option}.")
+    test = set(np.random.RandomState(seed).choice(units, count, replace=False).tolist()) if count else set()
+    return [u for u in units if u not in test], sorted(test)
 
 
 def case_record(load: Callable[[], LoadedCase], case: str, choice: SupervisionChoice | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 
 from nnunet_weak.errors import StepFailed, UserInputError
 
@@ -27,40 +28,18 @@ def _cmd_plan_and_preprocess(args) -> None:
         verbose=args.verbose, plans_from=args.plans_from)
 
 
-def _cmd_convert_phantom(args) -> None:
-    from nnunet_weak.dataset_conversion.phantom import convert_phantom
-    from nnunet_weak.environment import required_folder
-    raw = args.output or required_folder("nnUNet_raw")
-    dense, sparse = convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test,
-                                    args.seed, (args.size, args.size), overwrite=args.overwrite,
-                                    num_processes=args.np)
-    print(f"Wrote {dense}\nWrote {sparse}")
-
-
-def _cmd_convert_acdc(args) -> None:
-    from nnunet_weak.dataset_conversion.acdc import convert_acdc_from_args
-    scribble, dense = convert_acdc_from_args(args)
-    print(f"Wrote {scribble}\nWrote {dense}")
-
-
-def _cmd_convert_la(args) -> None:
-    from nnunet_weak.dataset_conversion.la import convert_la_from_args
-    semi, dense = convert_la_from_args(args)
-    print(f"Wrote {semi}\nWrote {dense}")
-
-
-def _cmd_convert_chaos(args) -> None:
-    from nnunet_weak.dataset_conversion.chaos import convert_chaos_from_args
-    weak, dense = convert_chaos_from_args(args)
-    print(f"Wrote {weak}\nWrote {dense}")
-
-
-def _cmd_convert_folders(args) -> None:
-    from nnunet_weak.dataset_conversion.folders import convert_folders_from_args
-    if args.labels is not None and args.dense_id is None:
-        raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
-    for folder in convert_folders_from_args(args):
+def _cmd_convert(module: str, args) -> None:
+    """Run ``nnunet_weak.dataset_conversion.<module>.convert_from_args`` and list what it wrote."""
+    import importlib
+    converter = importlib.import_module(f"nnunet_weak.dataset_conversion.{module}")
+    for folder in converter.convert_from_args(args):
         print(f"Wrote {folder}")
+
+
+def _add_output_arguments(parser) -> None:
+    parser.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
+    parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
 
 
 def _cmd_evaluate(args) -> None:
@@ -158,10 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num_test", type=int, default=8, help="held-out test cases (default 8)")
     q.add_argument("--size", type=int, default=48, help="in-plane size in voxels (default 48)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
-    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
-    q.set_defaults(func=_cmd_convert_phantom)
+    _add_output_arguments(q)
+    q.set_defaults(func=partial(_cmd_convert, "phantom"))
 
     q = conv.add_parser("acdc", help="ACDC (official layout or WSL4MIS HDF5) as a scribble dataset + dense twin",
                         description="Convert ACDC into Dataset027_ACDC (scribbles in labelsTr: hand-drawn when "
@@ -176,10 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
     q.add_argument("--test_patients", type=int, default=20, help="whole patients held out for testing (default 20)")
     add_supervision_arguments(q)
-    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
-    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
-    q.set_defaults(func=_cmd_convert_acdc)
+    _add_output_arguments(q)
+    q.set_defaults(func=partial(_cmd_convert, "acdc"))
 
     q = conv.add_parser("la", help="LA (official NRRD or UA-MT HDF5), semi-supervised, with a dense twin",
                         description="Convert the left atrium data into a semi-supervised dataset (the first "
@@ -193,11 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test_list", default=None, help="test case ids, one per line (default: no test set)")
     q.add_argument("--id", type=int, default=37, help="id of the semi-supervised dataset (default 37)")
     q.add_argument("--dense_id", type=int, default=137, help="id of the dense twin (default 137)")
-    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
-    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    _add_output_arguments(q)
     add_supervision_arguments(q, default_mode="semi")
-    q.set_defaults(func=_cmd_convert_la)
+    q.set_defaults(func=partial(_cmd_convert, "la"))
 
     q = conv.add_parser("chaos", help="CHAOS MRI (official DICOM + PNG or NIfTI), weak labels, with a dense twin",
                         description="Convert CHAOS MRI (liver, kidneys, spleen) into a dataset with generated "
@@ -210,11 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test_subjects", type=int, default=4, help="subjects held out for testing (default 4)")
     q.add_argument("--id", type=int, default=38, help="id of the weakly labelled dataset (default 38)")
     q.add_argument("--dense_id", type=int, default=138, help="id of the dense twin (default 138)")
-    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
-    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    _add_output_arguments(q)
     add_supervision_arguments(q)
-    q.set_defaults(func=_cmd_convert_chaos)
+    q.set_defaults(func=partial(_cmd_convert, "chaos"))
 
     q = conv.add_parser("folders", help="your own folders of images, dense labels and/or scribbles",
                         description="Convert your own data: --images (<case>.nii.gz or <case>_0000.nii.gz ...), "
@@ -233,11 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
     q.add_argument("--test_cases", type=int, default=0, help="cases held out for testing, with --labels (default 0)")
     q.add_argument("--file_ending", default=".nii.gz", help="ending of your files (default .nii.gz)")
-    q.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
-    q.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    _add_output_arguments(q)
     add_supervision_arguments(q)
-    q.set_defaults(func=_cmd_convert_folders)
+    q.set_defaults(func=partial(_cmd_convert, "folders"))
 
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95 in mm)",
                        description="Score a folder of predictions against the dense labels of a dataset: "

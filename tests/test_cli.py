@@ -7,7 +7,8 @@ import pytest
 from nnunet_weak.cli import main
 from nnunet_weak.environment import trainers_folder
 
-SUBCOMMANDS = [["env"], ["plan_and_preprocess"], ["convert"], ["convert", "phantom"], ["evaluate"],
+SUBCOMMANDS = [["env"], ["plan_and_preprocess"], ["convert"], ["convert", "phantom"], ["convert", "acdc"],
+               ["convert", "la"], ["convert", "chaos"], ["convert", "folders"], ["evaluate"],
                ["compare"], ["demo"]]
 
 
