@@ -89,10 +89,11 @@ def run_logged(command: Sequence[str], env: dict, log_file: Path, description: s
     """Run a command, its output going to ``log_file``; show an epoch progress bar when training."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     epoch_line = re.compile(r"Epoch (\d+)\s*$")
-    with open(log_file, "w") as log, tqdm(total=total_epochs, desc=description, unit="epoch" if total_epochs else "it",
+    with open(log_file, "w", encoding="utf-8") as log, tqdm(total=total_epochs, desc=description, unit="epoch" if total_epochs else "it",
                                           bar_format=None if total_epochs else "{desc}: {elapsed}") as bar:
         log.write("$ " + " ".join(command) + "\n")
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   encoding="utf-8", errors="replace")
         for line in process.stdout:
             log.write(line)
             match = epoch_line.search(line)
@@ -104,7 +105,7 @@ def run_logged(command: Sequence[str], env: dict, log_file: Path, description: s
             bar.n = total_epochs
             bar.refresh()
     if code != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
+        tail = "".join(log_file.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
         raise StepFailed(f"`{Path(command[0]).name} {command[1]} ...` exited with status {code}. Last lines:\n{tail}\n"
                          f"Full log: {log_file}")
 

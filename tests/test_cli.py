@@ -21,7 +21,7 @@ def test_every_command_has_help(words, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "nnunet_weak.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "nnunet_weak.cli", "--help"], capture_output=True, encoding="utf-8")
     assert out.returncode == 0 and "plan_and_preprocess" in out.stdout
 
 

@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 
 
 def run(command, env, cwd=None):
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -63,7 +63,7 @@ def test_train_continue_validate_predict_score(workspace):
     # --c on a finished run, and a changed budget is refused
     run(train + ["--c"], env)
     refused = subprocess.run(train + ["--c"], env=dict(env, NNUNET_WEAK_BUDGET="3x3"), capture_output=True,
-                             text=True)
+                             encoding="utf-8", errors="replace")
     assert refused.returncode != 0
     assert "was started with budget 'smoke'" in refused.stdout + refused.stderr
 
@@ -103,7 +103,8 @@ def test_compare_reuses_finished_runs(workspace):
 
     # a finished run under another budget is not silently reused
     refused = subprocess.run([BIN / "nnunet-weak", "compare", "--dense", "950", "--sparse", "951", "--budget",
-                              "3x3", "--device", "cpu", "-o", output], env=env, capture_output=True, text=True)
+                              "3x3", "--device", "cpu", "-o", output], env=env, capture_output=True,
+                             encoding="utf-8", errors="replace")
     assert refused.returncode == 2 and "--retrain" in refused.stderr
 
 
