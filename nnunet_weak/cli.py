@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s)")
     p.add_argument("-fpe", default="ignore_aware", choices=["ignore_aware", "nnunet"],
                    help="fingerprint extractor (default: ignore_aware)")
-    p.add_argument("-pl", default="ExperimentPlanner", help="nnU-Net experiment planner class (default: ExperimentPlanner)")
+    p.add_argument("-pl", default="ExperimentPlanner",
+                   help="experiment planner: nnU-Net's (default: ExperimentPlanner) or nnUNetPlannerCPU (half "
+                        "resolution, batch <= 8, plans 'nnUNetPlansCPU', for CPU benchmarks)")
     p.add_argument("-gpu_memory_target", type=float, default=None, help="GPU memory target in GB for the planner")
     p.add_argument("-preprocessor_name", default="DefaultPreprocessor", help="preprocessor class name")
     p.add_argument("-overwrite_target_spacing", nargs="+", type=float, default=None,
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", action="store_true", help="recompute an existing fingerprint")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--plans_from", default=None,
-                   help="copy plans, fingerprint and splits from this (dense twin) dataset instead of planning")
+                   help="copy plans (those named by -overwrite_plans_name, default nnUNetPlans), fingerprint and "
+                        "splits from this (dense twin) dataset instead of planning")
     p.set_defaults(func=_cmd_plan_and_preprocess)
 
     p = sub.add_parser("convert", help="write nnU-Net datasets with a supervision manifest",

@@ -79,6 +79,8 @@ class SupervisionChoice:
         selection: which cases keep dense labels (``semi`` and ``mixed`` modes).
         seed: seed of the selection and of generated weak labels.
         erosion_iterations, disc_radius, box_margin: generator parameters.
+        use_real_scribbles: use hand-drawn scribbles where the source has them (False: simulate
+            them anyway, to compare simulated with real).
     """
 
     mode: str = "weak"
@@ -88,6 +90,7 @@ class SupervisionChoice:
     erosion_iterations: int = 5
     disc_radius: int = 2
     box_margin: int = 0
+    use_real_scribbles: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -141,7 +144,7 @@ class SupervisionChoice:
         if self.mode == "semi":
             return (np.full(dense.shape, ignore_label, np.uint8), "unlabelled", None,
                     {"choice": "semi", "seed": self.seed})
-        if self.weak_label == "scribble" and real_weak is not None:
+        if self.weak_label == "scribble" and real_weak is not None and self.use_real_scribbles:
             return real_weak.astype(np.uint8), "sparse", "scribble", {"source": "hand-drawn"}
         seed = self.case_seed(case)
         if self.weak_label == "scribble":
@@ -171,6 +174,8 @@ def add_supervision_arguments(parser, default_mode: str = "weak") -> None:
     parser.add_argument("--labelled_fraction", type=float, default=None,
                         help="semi/mixed: a seeded random fraction of the cases keeps labels")
     parser.add_argument("--erosion_iterations", type=int, default=5, help="erosion weak labels: iterations (default 5)")
+    parser.add_argument("--simulate_scribbles", action="store_true",
+                        help="simulate scribbles even where hand-drawn ones are given (to compare the two)")
     parser.add_argument("--seed", type=int, default=0, help="seed of selections and generated labels (default 0)")
 
 
@@ -179,4 +184,5 @@ def choice_from_args(args, order: Sequence[str] | None = None) -> SupervisionCho
     selection = LabelledSelection(args.labelled_count, order, args.labelled_cases,
                                   args.labelled_fraction) if given else None
     return SupervisionChoice(args.supervision, args.weak_label, selection, args.seed,
-                             erosion_iterations=args.erosion_iterations)
+                             erosion_iterations=args.erosion_iterations,
+                             use_real_scribbles=not args.simulate_scribbles)

@@ -28,6 +28,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_weak.atomic import write_json_atomic
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
+from nnunet_weak.planners.cpu_planner import nnUNetPlannerCPU
 from nnunet_weak.planners.ignore_aware_fingerprint import IgnoreAwareFingerprintExtractor
 from nnunet_weak.raw_dataset import load_raw_dataset
 
@@ -37,14 +38,19 @@ FINGERPRINT_EXTRACTORS = {
 }
 
 
+PROJECT_PLANNERS = {"nnUNetPlannerCPU": nnUNetPlannerCPU}
+
+
 def find_planner(name: str):
-    """An nnU-Net experiment planner class by name (as ``nnUNetv2_plan_and_preprocess -pl``)."""
+    """A planner class by name: the project's (``PROJECT_PLANNERS``) or nnU-Net's (as ``-pl``)."""
+    if name in PROJECT_PLANNERS:
+        return PROJECT_PLANNERS[name]
     planner = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "experiment_planning"), name,
                                           current_module="nnunetv2.experiment_planning")
     if planner is None:
         raise UserInputError(
-            f"Unknown experiment planner '{name}'. Use one of nnU-Net's planners, e.g. "
-            f"ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL."
+            f"Unknown experiment planner '{name}'. Use one of nnU-Net's planners (e.g. ExperimentPlanner, "
+            f"nnUNetPlannerResEncM, nnUNetPlannerResEncL) or the project's: {', '.join(PROJECT_PLANNERS)}."
         )
     return planner
 

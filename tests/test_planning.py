@@ -85,3 +85,23 @@ def test_unknown_planner_and_extractor(nnunet_folders):
         plan_and_preprocess([1], planner="NoSuchPlanner")
     with pytest.raises(UserInputError, match="Unknown fingerprint extractor"):
         plan_and_preprocess([1], fingerprint_extractor="magic")
+
+
+def test_cpu_planner_halves_in_plane_resolution_and_caps_batch(nnunet_folders):
+    from functools import partial
+    from nnunet_weak.dataset_conversion.phantom import phantom_case
+    raw = nnunet_folders["nnUNet_raw"]
+    cases = [partial(phantom_case, s, False, True, (64, 64)) for s in range(5)]
+    write_raw_dataset(raw, "Dataset605_Phantom", {"0": "MRI"}, {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, cases)
+    plan_and_preprocess([605], configurations=["2d"], num_processes_fingerprint=1, no_pp=True)
+    plan_and_preprocess([605], planner="nnUNetPlannerCPU", no_pp=True)
+    pre = nnunet_folders["nnUNet_preprocessed"] / "Dataset605_Phantom"
+    stock = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"]
+    cpu = json.loads((pre / "nnUNetPlansCPU.json").read_text())["configurations"]
+    for configuration in ("2d", "3d_fullres"):
+        stock_spacing, cpu_spacing = stock[configuration]["spacing"], cpu[configuration]["spacing"]
+        assert cpu_spacing[-1] == pytest.approx(2 * stock_spacing[-1])
+        assert cpu_spacing[-2] == pytest.approx(2 * stock_spacing[-2])
+        assert cpu[configuration]["batch_size"] <= 8
+    # the thick slice axis keeps its spacing
+    assert cpu["3d_fullres"]["spacing"][0] == pytest.approx(stock["3d_fullres"]["spacing"][0])

@@ -79,3 +79,6 @@ def test_real_scribbles_win_over_simulated(dense):
     assert label is not None and np.array_equal(label, real) and provenance == {"source": "hand-drawn"}
     label, *_ = SupervisionChoice("weak", weak_label="erosion").make_label("c", dense, IGNORE, False, real)
     assert not np.array_equal(label, real)
+    label, _, _, provenance = SupervisionChoice("weak", use_real_scribbles=False).make_label("c", dense, IGNORE,
+                                                                                             False, real)
+    assert not np.array_equal(label, real) and provenance["generator"] == "scribble"
