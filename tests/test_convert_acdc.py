@@ -103,6 +103,9 @@ def test_official_layout(official_layout, nnunet_folders):
     assert splits[0] == splits[1] and len(splits[0]) == 5
     for fold in splits[0]:
         assert not {c[:10] for c in fold["train"]} & {c[:10] for c in fold["val"]}
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    for dataset in (sparse, dense):
+        verify_dataset_integrity(str(dataset.folder), 1)
 
 
 def test_h5_layout_and_byte_identical_reconversion(h5_layout, nnunet_folders, tmp_path):
