@@ -111,6 +111,10 @@ def _score_case(pred_file: Path, ref_file: Path, class_labels: Mapping[str, int]
     return score_segmentation(pred, ref, spacing, class_labels)
 
 
+def _score_case_star(arguments):
+    return _score_case(*arguments)
+
+
 def summarise(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
               class_labels: Mapping[str, int]) -> dict:
     """Means over cases per class (NaN-aware) and the mean over classes."""
@@ -154,7 +158,7 @@ def score_cases(pairs: Mapping[str, tuple[Path, Path]], class_labels: Mapping[st
     args = [(Path(pairs[c][0]), Path(pairs[c][1]), dict(class_labels), ignore_label) for c in cases]
     if num_processes > 1:
         with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
-            results = list(tqdm(pool.starmap(_score_case, args), total=len(args), desc=description))
+            results = list(tqdm(pool.imap(_score_case_star, args), total=len(args), desc=description))
     else:
         results = [_score_case(*a) for a in tqdm(args, desc=description)]
     per_case = dict(zip(cases, results))
