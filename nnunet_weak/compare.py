@@ -255,10 +255,9 @@ def format_csv(rows: list[dict]) -> str:
 
 def plot_dice_chart(rows: list[dict], class_labels: dict, path: Path, caption: str) -> None:
     """Grouped bar chart: per-class and mean Dice, one bar per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from nnunet_weak.plots import plt, save_figure_atomic
     groups = list(class_labels) + ["mean"]
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(rows) / 2)), 4.5))
@@ -273,11 +272,7 @@ def plot_dice_chart(rows: list[dict], class_labels: dict, path: Path, caption: s
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("\n".join(textwrap.wrap(caption, 110)), fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(partial, dpi=120)
-    plt.close(fig)
-    os.replace(partial, path)
+    save_figure_atomic(fig, path)
 
 
 def compare_from_args(args) -> list[dict]:

@@ -7,4 +7,11 @@ loss" baseline (Gotkowski et al., MICCAI 2025) that every method must beat.
 """
 from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
 
-__all__ = ["nnUNetWeakTrainer"]
+__all__ = ["nnUNetWeakTrainer", "nnUNetWeakTrainer_nearestDSTargets"]
+
+
+class nnUNetWeakTrainer_nearestDSTargets(nnUNetWeakTrainer):
+    """nnU-Net's nearest-neighbour down-sampling of the deep-supervision targets, even on sparse labels
+    (the comparison point of ``sparse_target_downsampling``)."""
+
+    sparse_target_downsampling = "nearest"

@@ -13,6 +13,15 @@
    ``labelsTr``: scribbles, for a scribble dataset), the validation predictions are scored against
    dense labels (Dice and HD95 per class) into ``validation/summary_dense.json``.
 
+4. **Sparse deep-supervision targets.** On a dataset with an ignore label the coarse
+   deep-supervision targets are pooled so that annotated voxels stay annotated
+   (``nnunet_weak.transforms.sparse_downsampling``) instead of nnU-Net's nearest-neighbour
+   down-sampling, which erases thin scribbles; ``nnUNetWeakTrainer_nearestDSTargets`` keeps nnU-Net's.
+
+Method trainers subclass it and override :meth:`nnUNetWeakTrainer.compute_training_loss` (the loss of
+one training batch, with named components that are logged per epoch) and, where the method changes
+the network, ``build_network_architecture``.
+
 On a dataset without manifest and without ignore label it trains exactly as nnU-Net does.
 """
 from __future__ import annotations
@@ -21,21 +30,38 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
 
 from nnunet_weak.atomic import write_json_atomic
+from nnunet_weak.plots import plot_loss_components
 from nnunet_weak.budget import Budget, budget_from_environment, parse_budget
 from nnunet_weak.evaluation import score_cases
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.supervision import SupervisionManifest
+from nnunet_weak.training.options import OPTIONS_ENV, trainer_options_from_environment
+from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
 RUN_RECORD = "nnunet_weak_run.json"
 DENSE_SUMMARY = "summary_dense.json"
+LOSS_COMPONENTS_PLOT = "loss_components.png"
 
 
 class nnUNetWeakTrainer(nnUNetTrainer):
     """nnU-Net's trainer with a configurable budget, manifest-aware training and dense scoring."""
+
+    #: down-sampling of sparse deep-supervision targets: "sparse_preserving" or nnU-Net's "nearest"
+    sparse_target_downsampling = "sparse_preserving"
+    #: names of the loss components returned by compute_training_loss, logged per epoch
+    training_loss_components: tuple[str, ...] = ()
+    #: hyper-parameters settable through NNUNET_WEAK_TRAINER_OPTIONS, with their defaults; each becomes
+    #: an attribute of the trainer (see nnunet_weak.training.options)
+    tunable_options: dict[str, float] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -48,6 +74,11 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self.save_every = max(1, min(50, self.num_epochs // 5))
         self._raw_dataset: RawDataset | None = None
         self._raw_dataset_loaded = False
+        for component in self.training_loss_components:
+            self.logger.local_logger.my_fantastic_logging.setdefault(component, [])
+        self.options = trainer_options_from_environment(self.tunable_options, self.__class__.__name__)
+        for name, value in self.options.items():
+            setattr(self, name, value)
 
     # ---- supervision -------------------------------------------------------------------------
 
@@ -81,25 +112,119 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                                f"marked unlabelled in the supervision manifest.")
         return supervised, val_keys
 
+    # ---- training loss -------------------------------------------------------------------------
+
+    def compute_training_loss(self, data: torch.Tensor, target, output) -> tuple[torch.Tensor, dict]:
+        """The loss of one training batch and its named components (``training_loss_components``).
+
+        Args:
+            data: ``(B, C, *patch)`` network input.
+            target: nnU-Net's targets, a list per deep-supervision scale when it is enabled.
+            output: the network's output for ``data`` (a list per scale under deep supervision).
+        """
+        return self.loss(output, target), {}
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's training step, with the loss from :meth:`compute_training_loss`."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            loss, components = self.compute_training_loss(data, target, output)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy(),
+                **{name: value.detach().float().cpu().numpy() for name, value in components.items()}}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        for component in self.training_loss_components:
+            values = [float(o[component]) for o in train_outputs if component in o]
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, values)
+                values = [v for rank_values in gathered for v in rank_values]
+            if values:
+                self.logger.log(component, float(np.mean(values)), self.current_epoch)
+
+    def on_epoch_end(self):
+        for component in self.training_loss_components:
+            self.print_to_log_file(component, np.round(self.logger.get_value(component, step=-1), decimals=4))
+        if self.training_loss_components and self.local_rank == 0:
+            plot_loss_components({c: self.logger.get_value(c, step=None) for c in self.training_loss_components},
+                                 Path(self.output_folder) / LOSS_COMPONENTS_PLOT)
+        super().on_epoch_end()
+
+    # ---- deep-supervision targets ------------------------------------------------------------
+
+    @classmethod
+    def _with_sparse_targets(cls, transforms, ignore_label, regions):
+        if ignore_label is None or regions is not None or cls.sparse_target_downsampling == "nearest":
+            return transforms
+        if cls.sparse_target_downsampling != "sparse_preserving":
+            raise ValueError(f"sparse_target_downsampling must be 'sparse_preserving' or 'nearest', got "
+                             f"{cls.sparse_target_downsampling!r}")
+        transforms.transforms = [
+            SparsePreservingDownsampleSegForDSTransform(t.ds_scales, ignore_label)
+            if isinstance(t, DownsampleSegForDSTransform) else t for t in transforms.transforms]
+        return transforms
+
+    @classmethod
+    def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        transforms = nnUNetTrainer.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        return cls._with_sparse_targets(transforms, ignore_label, regions)
+
+    @classmethod
+    def get_validation_transforms(cls, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
+                                  regions=None, ignore_label=None):
+        transforms = nnUNetTrainer.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        return cls._with_sparse_targets(transforms, ignore_label, regions)
+
     # ---- budget ------------------------------------------------------------------------------
 
     def on_train_start(self):
         # checked before nnU-Net starts its data-augmentation workers, so that a refusal exits cleanly
         record_file = Path(self.output_folder) / RUN_RECORD
         if self.current_epoch > 0 and record_file.is_file():
-            recorded = json.loads(record_file.read_text())["budget"]
-            if parse_budget(recorded["name"]) != self.budget:
+            recorded = json.loads(record_file.read_text())
+            if parse_budget(recorded["budget"]["name"]) != self.budget:
                 raise RuntimeError(
-                    f"This run was started with budget '{recorded['name']}' but NNUNET_WEAK_BUDGET is "
-                    f"'{self.budget.name}'. Set NNUNET_WEAK_BUDGET={recorded['name']} to continue it, "
+                    f"This run was started with budget '{recorded['budget']['name']}' but NNUNET_WEAK_BUDGET is "
+                    f"'{self.budget.name}'. Set NNUNET_WEAK_BUDGET={recorded['budget']['name']} to continue it, "
                     f"or start a new run without --c."
+                )
+            if recorded.get("options", {}) != self.options:
+                raise RuntimeError(
+                    f"This run was started with options {recorded.get('options', {})} but {OPTIONS_ENV} gives "
+                    f"{self.options}. Set {OPTIONS_ENV} to the recorded values to continue it, or start a new "
+                    f"run without --c."
                 )
         super().on_train_start()
         self.print_to_log_file(f"nnunet-weak budget {self.budget.describe()}")
+        if self.options:
+            self.print_to_log_file(f"{self.__class__.__name__} options: {self.options}")
         if self.local_rank == 0:
             write_json_atomic({"trainer": self.__class__.__name__, "dataset": self.plans_manager.dataset_name,
                                "configuration": self.configuration_name, "fold": self.fold,
-                               "budget": self.budget.to_json()}, record_file)
+                               "budget": self.budget.to_json(), "options": self.options}, record_file)
 
     # ---- scoring on dense labels ----------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Loss functions of the nnunet-weak methods, each with its equation and shape contract."""

@@ -1,0 +1,72 @@
+"""Masked gated CRF loss (Obukhov et al., arXiv 1906.04651), as used by AttenScribble (Eq. 6).
+
+For every *un-annotated* position ``i`` and every neighbour ``j`` inside a box window (radius 5)::
+
+    k_ij  = exp(-|p_i - p_j|² / (2 σ_xy²) - |I_i - I_j|² / (2 σ_I²))       σ_xy = 6 voxels, σ_I = 0.1
+    L_crf = Σ_i m_i Σ_j k_ij (1 - ⟨y_i, y_j⟩) / Σ_i m_i
+
+``m_i = 1`` where position ``i`` carries no annotation: annotated positions receive no CRF energy
+(their label comes from the partial cross-entropy), but they still act as neighbours. ``I`` is the
+network input with each channel rescaled to [0, 1] per sample (min–max), the range that σ_I = 0.1
+refers to in the authors' code; nnU-Net's own normalisation (z-scores for MRI) would make the
+intensity kernel ten times narrower. Positions are in voxels of the finest axis; with anisotropic
+3D spacing the window and the distance are physical (``nnunet_weak.losses.local_window``).
+
+Gradients reach ``y`` only. Memory is linear in the number of voxels (one window offset at a time).
+"""
+from __future__ import annotations
+
+import torch
+
+from nnunet_weak.losses.local_window import LocalWindow, at_least_single_precision, pair_slices, sum_over_offsets
+
+
+def min_max_rescaled(image: torch.Tensor) -> torch.Tensor:
+    """Each channel of each sample of ``(B, C, *spatial)`` rescaled to [0, 1] (constant channels → 0)."""
+    flat = image.flatten(2)
+    low = flat.min(-1, keepdim=True).values
+    span = (flat.max(-1, keepdim=True).values - low).clamp_min(1e-8)
+    return ((flat - low) / span).reshape(image.shape)
+
+
+def _gated_crf_pair_energy(offset, weight, probabilities, image, unannotated, inverse_two_sigma2):
+    first, second = pair_slices(probabilities.shape[2:], offset)
+    i, j = (slice(None), slice(None)) + first, (slice(None), slice(None)) + second
+    kernel = weight * torch.exp(-((image[i] - image[j]) ** 2).sum(1) * inverse_two_sigma2)
+    dissimilarity = 1 - (probabilities[i] * probabilities[j]).sum(1)
+    # the pair counts from i where i is un-annotated and from j where j is
+    gate = unannotated[i[1:]] + unannotated[j[1:]]
+    return (gate * kernel * dissimilarity).sum()
+
+
+def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unannotated: torch.Tensor,
+                          window: LocalWindow, intensity_sigma: float = 0.1) -> torch.Tensor:
+    """Eq. 6: the gated CRF energy of the un-annotated positions, per un-annotated position.
+
+    Args:
+        probabilities: ``(B, L, *spatial)`` soft-max prediction.
+        image: ``(B, C, *spatial)`` network input (rescaled to [0, 1] here).
+        unannotated: ``(B, *spatial)`` bool, True where the label is the ignore label.
+        window: spatial window and Gaussian (radius 5, σ_xy 6 in the paper).
+        intensity_sigma: σ_I of the intensity kernel, on the [0, 1] image.
+
+    Returns:
+        scalar: total energy over the batch divided by the number of un-annotated positions (0 if none).
+    """
+    if probabilities.shape[0] != image.shape[0] or probabilities.shape[2:] != image.shape[2:]:
+        raise ValueError(f"probabilities {tuple(probabilities.shape)} and image {tuple(image.shape)} must share "
+                         f"batch size and spatial shape")
+    if unannotated.shape != probabilities.shape[:1] + probabilities.shape[2:]:
+        raise ValueError(f"unannotated must be (B, *spatial) = {tuple(probabilities.shape[:1] + probabilities.shape[2:])}, "
+                         f"got {tuple(unannotated.shape)}")
+    if len(window.radii) != probabilities.ndim - 2:
+        raise ValueError(f"the window is {len(window.radii)}D but the prediction is {probabilities.ndim - 2}D")
+    probabilities = at_least_single_precision(probabilities)
+    gate = unannotated.to(probabilities.dtype)
+    count = gate.sum()
+    if count == 0:
+        return probabilities.sum() * 0
+    rescaled = min_max_rescaled(at_least_single_precision(image.detach()))
+    total = sum_over_offsets(_gated_crf_pair_energy, window,
+                             (probabilities, rescaled, gate, 1.0 / (2 * intensity_sigma ** 2)))
+    return total / count

@@ -1,0 +1,347 @@
+"""AttenScribble's pieces on their own: window, losses (against explicit loops), attention block,
+encoder attachment, sparse deep-supervision targets, trainer options."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.losses.attentive_similarity import (attention_log_normaliser, attentive_affinity_matrix,
+                                                     attentive_similarity_loss, dense_attentive_similarity_loss)
+from nnunet_weak.losses.gated_crf import masked_gated_crf_loss, min_max_rescaled
+from nnunet_weak.losses.local_window import LocalWindow, window_tiles
+from nnunet_weak.networks.encoder_stages import (StageWithBlock, attach_after_encoder_stage, attached_blocks,
+                                                 cumulative_stage_strides, stage_channels, stage_index_for_stride)
+from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock
+from nnunet_weak.training.options import parse_trainer_options
+from nnunet_weak.transforms.sparse_downsampling import (SparsePreservingDownsampleSegForDSTransform,
+                                                        sparse_preserving_downsample)
+
+
+def positions(shape):
+    return list(itertools.product(*(range(s) for s in shape)))
+
+
+def explicit_window_weight(p, q, radius, sigma, spacing):
+    """G between two positions, straight from the definition (0 outside the box or on the diagonal)."""
+    finest = min(spacing)
+    if p == q:
+        return 0.0
+    for a, b, s in zip(p, q, spacing):
+        if abs(a - b) > math.floor(radius * finest / s + 1e-6):
+            return 0.0
+    distance2 = sum(((a - b) * s / finest) ** 2 for a, b, s in zip(p, q, spacing))
+    return math.exp(-distance2 / (2 * sigma ** 2))
+
+
+# ---- window -------------------------------------------------------------------------------------
+
+def test_window_is_the_box_with_gaussian_weights():
+    window = LocalWindow.gaussian(5, 6.0, (1.0, 1.0))
+    assert window.radii == (5, 5)
+    weights = dict(zip(window.offsets, window.weights))
+    assert len(weights) == 11 * 11 - 1 and (0, 0) not in weights
+    assert weights[(3, -4)] == pytest.approx(math.exp(-25 / 72)) == weights[(-3, 4)]
+
+
+def test_window_shrinks_along_coarse_axes():
+    window = LocalWindow.gaussian(5, 6.0, (10.0, 1.5, 1.5))
+    assert window.radii == (0, 5, 5)
+    window = LocalWindow.gaussian(5, 6.0, (5.0, 2.5, 2.5))
+    assert window.radii == (2, 5, 5)
+    assert dict(zip(window.offsets, window.weights))[(1, 0, 0)] == pytest.approx(math.exp(-4 / 72))
+
+
+@pytest.mark.parametrize("grid, spacing", [((9, 7), (1.0, 1.0)), ((4, 6, 5), (2.0, 1.0, 1.0))])
+def test_tiles_visit_every_window_pair_once(grid, spacing):
+    window = LocalWindow.gaussian(2, 1.5, spacing)
+    # a budget so small that the grid is cut into many tiles
+    tiles = window_tiles(window, grid, 1, max_elements=60)
+    assert len(tiles) > 2
+    visited = {}
+    for tile in tiles:
+        band = tile.band.tolist()
+        for row, i in enumerate(tile.positions.tolist()):
+            for column, weight in enumerate(tile.weights()[row].tolist()):
+                if weight:
+                    assert (i, band[column]) not in visited
+                    visited[(i, band[column])] = weight
+    cells = positions(grid)
+    expected = {(a, b): explicit_window_weight(p, q, 2, 1.5, spacing)
+                for a, p in enumerate(cells) for b, q in enumerate(cells)}
+    expected = {pair: w for pair, w in expected.items() if w}
+    assert visited.keys() == expected.keys()
+    assert all(visited[pair] == pytest.approx(expected[pair]) for pair in expected)
+
+
+# ---- gated CRF ----------------------------------------------------------------------------------
+
+def explicit_gated_crf(probabilities, image, unannotated, radius, sigma, intensity_sigma, spacing):
+    batch, _, *shape = probabilities.shape
+    rescaled = min_max_rescaled(image)
+    total = 0.0
+    for b in range(batch):
+        for p in positions(shape):
+            if not unannotated[(b, *p)]:
+                continue
+            for q in positions(shape):
+                g = explicit_window_weight(p, q, radius, sigma, spacing)
+                if g == 0:
+                    continue
+                difference = ((rescaled[(b, slice(None), *p)] - rescaled[(b, slice(None), *q)]) ** 2).sum()
+                kernel = g * torch.exp(-difference / (2 * intensity_sigma ** 2))
+                total = total + kernel * (1 - (probabilities[(b, slice(None), *p)] * probabilities[(b, slice(None), *q)]).sum())
+    return total / unannotated.sum()
+
+
+@pytest.mark.parametrize("shape, spacing", [((5, 6), (1.0, 1.0)), ((3, 4, 4), (2.0, 1.0, 1.0))])
+def test_gated_crf_matches_explicit_loops(shape, spacing):
+    torch.manual_seed(0)
+    probabilities = torch.softmax(torch.randn(2, 3, *shape, dtype=torch.float64), 1)
+    image = torch.randn(2, 2, *shape, dtype=torch.float64)
+    unannotated = torch.rand(2, *shape) > 0.3
+    window = LocalWindow.gaussian(2, 1.5, spacing)
+    fast = masked_gated_crf_loss(probabilities, image, unannotated, window, intensity_sigma=0.5)
+    slow = explicit_gated_crf(probabilities, image, unannotated, 2, 1.5, 0.5, spacing)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+
+
+def test_gated_crf_ignores_annotated_sources_and_gradcheck():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    image = torch.randn(1, 1, 4, 5, dtype=torch.float64)
+    unannotated = torch.rand(1, 4, 5) > 0.4
+    window = LocalWindow.gaussian(2, 2.0, (1.0, 1.0))
+    assert torch.autograd.gradcheck(
+        lambda x: masked_gated_crf_loss(torch.softmax(x, 1), image, unannotated, window, 0.3), (logits,))
+    # no un-annotated voxel: no energy at all
+    assert masked_gated_crf_loss(torch.softmax(logits, 1), image, torch.zeros(1, 4, 5, dtype=torch.bool),
+                                 window).item() == 0
+
+
+def test_gated_crf_rejects_mismatched_shapes():
+    window = LocalWindow.gaussian(2, 2.0, (1.0, 1.0))
+    with pytest.raises(ValueError, match="unannotated must be"):
+        masked_gated_crf_loss(torch.rand(1, 2, 4, 4), torch.rand(1, 1, 4, 4), torch.ones(1, 4, 5, dtype=torch.bool),
+                              window)
+
+
+# ---- attentive similarity -------------------------------------------------------------------------
+
+def explicit_attentive_similarity(probabilities, queries, keys, w, b, radius, sigma, spacing):
+    """Eq. 3–5 by loops over positions, with the softmax rows written out."""
+    batch, _, *grid = queries.shape
+    cells = positions(grid)
+    total = 0.0
+    for s in range(batch):
+        logits = {(p, q): (queries[(s, slice(None), *p)] * keys[(s, slice(None), *q)]).sum() for p in cells for q in cells}
+        normaliser = {p: sum(torch.exp(logits[(p, q)]) for q in cells) for p in cells}
+        for p in cells:
+            for q in cells:
+                g = explicit_window_weight(p, q, radius, sigma, spacing)
+                if g == 0:
+                    continue
+                a_pq = torch.exp(logits[(p, q)]) / normaliser[p]
+                a_qp = torch.exp(logits[(q, p)]) / normaliser[q]
+                affinity = torch.sigmoid(w * (a_pq + a_qp) + b)
+                similarity = (probabilities[(s, slice(None), *p)] * probabilities[(s, slice(None), *q)]).sum()
+                total = total + affinity * g * (1 - similarity)
+    return total / (len(cells) * batch)
+
+
+def random_attention_inputs(grid, seed=0, channels=4, classes=3, batch=2):
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(batch, channels, *grid, dtype=torch.float64, generator=generator)
+    keys = torch.randn(batch, channels, *grid, dtype=torch.float64, generator=generator)
+    probabilities = torch.softmax(torch.randn(batch, classes, *grid, dtype=torch.float64, generator=generator), 1)
+    w = torch.tensor(1.3, dtype=torch.float64)
+    b = torch.tensor(-0.4, dtype=torch.float64)
+    return probabilities, queries, keys, w, b
+
+
+@pytest.mark.parametrize("max_elements", [100, 1 << 20], ids=["tiled", "whole-grid"])
+@pytest.mark.parametrize("grid, spacing", [((4, 5), (1.0, 1.0)), ((2, 3, 3), (2.0, 1.0, 1.0))])
+def test_attentive_similarity_matches_explicit_loops_and_dense_path(grid, spacing, max_elements):
+    probabilities, queries, keys, w, b = random_attention_inputs(grid)
+    window = LocalWindow.gaussian(2, 1.5, spacing)
+    fast = attentive_similarity_loss(probabilities, queries, keys, w, b, window, max_elements=max_elements)
+    dense = dense_attentive_similarity_loss(probabilities, queries, keys, w, b, window)
+    slow = explicit_attentive_similarity(probabilities, queries, keys, w, b, 2, 1.5, spacing)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+    assert dense.item() == pytest.approx(slow.item(), rel=1e-10)
+
+
+def test_attentive_similarity_tiles_equal_dense_on_larger_grid_with_gradients():
+    probabilities, queries, keys, w, b = random_attention_inputs((12, 10), seed=3, channels=8)
+    window = LocalWindow.gaussian(5, 6.0, (1.0, 1.0))
+    assert len(window_tiles(window, (12, 10), 2, 5000)) > 1
+    inputs = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
+    twins = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
+    fast = attentive_similarity_loss(*inputs, window, max_elements=5000)
+    dense = dense_attentive_similarity_loss(*twins, window)
+    fast.backward()
+    dense.backward()
+    assert fast.item() == pytest.approx(dense.item(), rel=1e-10)
+    for a, c in zip(inputs, twins):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_attentive_similarity_gradcheck_and_resizing():
+    probabilities, queries, keys, w, b = random_attention_inputs((3, 4), seed=5, channels=3, classes=2, batch=1)
+    window = LocalWindow.gaussian(2, 1.5, (1.0, 1.0))
+    full_res_logits = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    tensors = [t.requires_grad_(True) for t in (queries, keys, w, b)]
+    for max_elements in (30, 1 << 20):
+        assert torch.autograd.gradcheck(
+            lambda x, q, k, ww, bb: attentive_similarity_loss(torch.softmax(x, 1), q, k, ww, bb, window, max_elements),
+            (full_res_logits, *tensors))
+
+
+def test_log_normaliser_and_affinity_symmetry():
+    _, queries, keys, w, b = random_attention_inputs((5, 6), seed=7)
+    logits = queries.flatten(2).transpose(1, 2) @ keys.flatten(2)
+    torch.testing.assert_close(attention_log_normaliser(queries, keys).flatten(1), torch.logsumexp(logits, -1))
+    affinity = attentive_affinity_matrix(queries, keys, w, b)
+    torch.testing.assert_close(affinity, affinity.transpose(1, 2))
+    assert not torch.allclose(torch.softmax(logits, -1), torch.softmax(logits, -1).transpose(1, 2))
+
+
+# ---- attention block -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spatial", [(6, 5), (3, 4, 4)])
+def test_block_attention_equals_naive_softmax(spatial):
+    torch.manual_seed(0)
+    block = SpatialSelfAttentionBlock(8, len(spatial)).double()
+    x = torch.randn(2, 8, *spatial, dtype=torch.float64)
+    out = block(x)
+    assert out.shape == x.shape
+    tokens = x.flatten(2).transpose(1, 2)
+    normed = block.attention_norm(tokens)
+    q, k, v = block.query(normed), block.key(normed), block.value(normed)
+    attention = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # no 1/sqrt(C)
+    tokens = tokens + block.output_projection(attention @ v)
+    hidden = block.mlp_in(block.mlp_norm(tokens)).transpose(1, 2).reshape(2, -1, *spatial)
+    hidden = torch.nn.functional.gelu(block.mlp_depthwise(hidden)).flatten(2).transpose(1, 2)
+    expected = block.final_norm(tokens + block.mlp_out(hidden)).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(block.last_queries.flatten(2).transpose(1, 2), q)
+    torch.testing.assert_close(block.last_keys.flatten(2).transpose(1, 2), k)
+    block.eval()
+    block(x)
+    assert block.last_queries is None and block.last_keys is None
+
+
+def test_block_rejects_wrong_channels():
+    with pytest.raises(ValueError, match="expected"):
+        SpatialSelfAttentionBlock(8, 2)(torch.randn(1, 4, 5, 5))
+
+
+# ---- attaching to the encoder ---------------------------------------------------------------------
+
+def small_unet(kind, dims):
+    conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    norm = torch.nn.InstanceNorm2d if dims == 2 else torch.nn.InstanceNorm3d
+    strides = [1, 2, 2, 2] if dims == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    common = dict(input_channels=1, n_stages=4, features_per_stage=[4, 8, 16, 16], conv_op=conv, kernel_sizes=3,
+                  strides=strides, num_classes=3, norm_op=norm, norm_op_kwargs={"affine": True},
+                  nonlin=torch.nn.LeakyReLU, deep_supervision=True)
+    if kind == "plain":
+        return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **common)
+    return ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1, 1], n_conv_per_stage_decoder=1, **common)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_attached_block_replaces_stage_features(kind, dims):
+    torch.manual_seed(0)
+    network = small_unet(kind, dims)
+    stage = stage_index_for_stride(network, 4)
+    assert stage == 2 and max(cumulative_stage_strides(network)[stage]) == 4
+    block = SpatialSelfAttentionBlock(stage_channels(network, stage), dims)
+    attach_after_encoder_stage(network, stage, block)
+    assert attached_blocks(network) == {2: block}
+    assert isinstance(network.encoder.stages[2], StageWithBlock)
+    assert any(k.startswith("encoder.stages.2.block.") for k in network.state_dict())
+    x = torch.randn(2, 1, *([4, 16, 16] if dims == 3 else [16, 16]))
+    skips = network.encoder(x)
+    # the skip of the stage is the block's output
+    stage_output = network.encoder.stages[2].stage(network.encoder.stages[1](network.encoder.stages[0](
+        network.encoder.stem(x) if getattr(network.encoder, "stem", None) is not None else x)))
+    torch.testing.assert_close(skips[2], block(stage_output))
+    outputs = network(x)
+    assert outputs[0].shape == (2, 3, *x.shape[2:])
+
+
+def test_attachment_errors_name_the_problem():
+    network = small_unet("plain", 2)
+    with pytest.raises(ValueError, match="No encoder stage has stride 3"):
+        stage_index_for_stride(network, 3)
+    attach_after_encoder_stage(network, 1, torch.nn.Identity())
+    with pytest.raises(ValueError, match="already has a block"):
+        attach_after_encoder_stage(network, 1, torch.nn.Identity())
+    with pytest.raises(TypeError, match="encoder.stages"):
+        attach_after_encoder_stage(torch.nn.Linear(2, 2), 0, torch.nn.Identity())
+
+
+# ---- sparse deep-supervision targets ---------------------------------------------------------------
+
+def explicit_block_downsample(segmentation, factor, ignore):
+    _, h, w = segmentation.shape
+    out = np.full((1, h // factor, w // factor), ignore)
+    for i in range(h // factor):
+        for j in range(w // factor):
+            block = segmentation[0, i * factor:(i + 1) * factor, j * factor:(j + 1) * factor].ravel()
+            annotated = block[block != ignore]
+            if annotated.size:
+                values, counts = np.unique(annotated, return_counts=True)
+                out[0, i, j] = values[np.argmax(counts)]  # ties: the lowest label (np.unique sorts)
+    return out
+
+
+def test_sparse_downsampling_matches_explicit_blocks():
+    rng = np.random.default_rng(0)
+    segmentation = np.where(rng.random((1, 16, 12)) < 0.15, rng.integers(0, 4, (1, 16, 12)), 4)
+    for factor in (2, 4):
+        fast = sparse_preserving_downsample(torch.from_numpy(segmentation).to(torch.int16), (factor, factor), 4)
+        assert fast.dtype == torch.int16
+        np.testing.assert_array_equal(fast.numpy(), explicit_block_downsample(segmentation, factor, 4))
+
+
+def test_thin_scribble_survives_where_nearest_loses_it():
+    segmentation = torch.full((1, 32, 32), 3, dtype=torch.int16)
+    # one-voxel-wide scribbles on rows/columns that nnU-Net's nearest-exact sampling skips
+    segmentation[0, 4, 2:30] = 1
+    segmentation[0, 16:26, 8] = 0
+    scales = [[1, 1], [0.5, 0.5], [0.25, 0.25]]
+    nearest = DownsampleSegForDSTransform(scales)(segmentation=segmentation.clone())["segmentation"]
+    preserving = SparsePreservingDownsampleSegForDSTransform(scales, ignore_label=3)(
+        segmentation=segmentation.clone())["segmentation"]
+    for n, p in zip(nearest[1:], preserving[1:]):
+        assert (p == 1).sum() > 0 and (p == 0).sum() > 0
+        assert (n != 3).sum() == 0
+    torch.testing.assert_close(preserving[0], segmentation)
+
+
+def test_sparse_downsampling_rejects_bad_input():
+    with pytest.raises(ValueError, match="values must lie in 0..3"):
+        sparse_preserving_downsample(torch.full((1, 4, 4), 7), (2, 2), 3)
+    with pytest.raises(ValueError, match="whole blocks"):
+        SparsePreservingDownsampleSegForDSTransform([[1 / 3, 1 / 3]], 3)(segmentation=torch.zeros(1, 8, 8))
+
+
+# ---- options ---------------------------------------------------------------------------------------
+
+def test_trainer_options_parse_and_reject_typos():
+    defaults = {"lambda_crf": 0.1, "lambda_attentive": 0.1}
+    assert parse_trainer_options("", defaults, "T") == defaults
+    assert parse_trainer_options(" lambda_crf=0.3 ,", defaults, "T") == {"lambda_crf": 0.3, "lambda_attentive": 0.1}
+    with pytest.raises(UserInputError, match="'lambda_crff=1' is not an option of T"):
+        parse_trainer_options("lambda_crff=1", defaults, "T")
+    with pytest.raises(UserInputError, match="must be a number"):
+        parse_trainer_options("lambda_crf=abc", defaults, "T")
+    with pytest.raises(UserInputError, match=">= 0"):
+        parse_trainer_options("lambda_crf=-1", defaults, "T")

@@ -1,0 +1,119 @@
+"""``-tr ScribbleAttentionTrainer``: AttenScribble (Tian, Yang, Gao, arXiv 2312.06614) inside nnU-Net.
+
+Scribble supervision with attentive similarity learning, on nnU-Net's auto-planned network and data
+pipeline, 2D and 3D (``../shared/METHODS.md`` §1):
+
+- **Network** (§3.2): a spatial self-attention block after the encoder stage of stride
+  ``attention_stride`` (4 in the paper), its output replacing that stage's features
+  (``SpatialSelfAttentionBlock`` attached by ``attach_after_encoder_stage``). It is part of the network
+  that ``nnUNetv2_predict`` rebuilds.
+- **Loss** (Eq. 7): ``L = pCE + λ_crf · L_crf + λ_att · L_att``
+
+  - ``pCE``: nnU-Net's Dice + cross-entropy with the ignore label (annotated voxels only), with deep
+    supervision; coarse targets keep thin scribbles (``nnUNetWeakTrainer.sparse_target_downsampling``).
+  - ``L_crf`` (Eq. 6): ``masked_gated_crf_loss`` on the full-resolution prediction, un-annotated voxels
+    only, intensity kernel on the [0, 1]-rescaled input, window in physical units.
+  - ``L_att`` (Eq. 3–5): ``attentive_similarity_loss`` between the block's attention affinity
+    ``K = sigmoid(w·(A + Aᵀ) + b)`` and the prediction resized to the attention grid, memory linear in
+    the number of positions.
+
+Options (``NNUNET_WEAK_TRAINER_OPTIONS``): ``lambda_crf`` (0.1) and ``lambda_attentive`` (0.1). The
+window (radius 5, σ 6 voxels) and σ_I = 0.1 are the paper's. Not reproduced from the released code: a
+per-slice switch of ``L_att`` computed from the dense ground truth; nothing here reads a dense label.
+
+Ablations (same everything else): ``ScribbleAttentionTrainer_noCRF`` (λ_crf = 0),
+``ScribbleAttentionTrainer_noAttentiveLoss`` (λ_att = 0, block kept), ``ScribbleAttentionTrainer_noAttentionBlock``
+(no block, hence no L_att: nnU-Net's network with pCE + gated CRF).
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_weak.losses.attentive_similarity import attentive_similarity_loss
+from nnunet_weak.losses.gated_crf import masked_gated_crf_loss
+from nnunet_weak.losses.local_window import LocalWindow
+from nnunet_weak.networks.encoder_stages import (attach_after_encoder_stage, attached_blocks,
+                                                 cumulative_stage_strides, stage_channels, stage_index_for_stride)
+from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock
+from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
+
+
+class ScribbleAttentionTrainer(nnUNetWeakTrainer):
+    """AttenScribble: pCE + masked gated CRF + attentive similarity, with a self-attention block."""
+
+    attention_stride = 4
+    use_attention_block = True
+    window_radius = 5
+    window_sigma = 6.0
+    intensity_sigma = 0.1
+    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1}
+    training_loss_components = ("partial_ce_dice", "gated_crf", "attentive_similarity")
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision=True):
+        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                           num_output_channels, enable_deep_supervision)
+        if cls.use_attention_block:
+            stage = stage_index_for_stride(network, cls.attention_stride)
+            attach_after_encoder_stage(network, stage, SpatialSelfAttentionBlock(
+                stage_channels(network, stage), spatial_dims=len(configuration_manager.patch_size)))
+        return network
+
+    def _do_i_compile(self):
+        # the block hands Q and K to the loss through attributes, a side effect torch.compile would not keep
+        return False if self.use_attention_block else super()._do_i_compile()
+
+    def initialize(self):
+        super().initialize()
+        if self.label_manager.ignore_label is None:
+            self.print_to_log_file("WARNING: this dataset has no ignore label, so every voxel is annotated and the "
+                                   "gated CRF term is zero: ScribbleAttentionTrainer is meant for scribble datasets.")
+        spacing = [float(s) for s in self.configuration_manager.spacing]
+        self.crf_window = LocalWindow.gaussian(self.window_radius, self.window_sigma, spacing)
+        self.attention_block, self.attention_window = None, None
+        if self.use_attention_block:
+            (stage, self.attention_block), = attached_blocks(self.network).items()
+            stride = cumulative_stage_strides(self.network)[stage]
+            self.attention_window = LocalWindow.gaussian(self.window_radius, self.window_sigma,
+                                                         [s * t for s, t in zip(spacing, stride)])
+            if self.lambda_attentive == 0:
+                # w and b only enter L_att; frozen, they do not wait for gradients under DDP
+                self.attention_block.affinity_weight.requires_grad_(False)
+                self.attention_block.affinity_bias.requires_grad_(False)
+
+    def compute_training_loss(self, data, target, output):
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        labels = target[0] if isinstance(target, list) else target
+        partial_ce_dice = self.loss(output, target)
+        probabilities = torch.softmax(logits.float(), dim=1)
+        zero = probabilities.new_zeros(())
+        gated_crf = zero
+        if self.lambda_crf > 0 and self.label_manager.ignore_label is not None:
+            unannotated = labels[:, 0] == self.label_manager.ignore_label
+            gated_crf = masked_gated_crf_loss(probabilities, data, unannotated, self.crf_window, self.intensity_sigma)
+        attentive = zero
+        if self.attention_block is not None and self.lambda_attentive > 0:
+            block = self.attention_block
+            attentive = attentive_similarity_loss(probabilities, block.last_queries, block.last_keys,
+                                                  block.affinity_weight, block.affinity_bias, self.attention_window)
+        total = partial_ce_dice + self.lambda_crf * gated_crf + self.lambda_attentive * attentive
+        return total, {"partial_ce_dice": partial_ce_dice, "gated_crf": gated_crf, "attentive_similarity": attentive}
+
+
+class ScribbleAttentionTrainer_noCRF(ScribbleAttentionTrainer):
+    """Ablation: without the masked gated CRF term."""
+
+    tunable_options = {"lambda_crf": 0.0, "lambda_attentive": 0.1}
+
+
+class ScribbleAttentionTrainer_noAttentiveLoss(ScribbleAttentionTrainer):
+    """Ablation: the attention block is kept, the attentive similarity term is dropped."""
+
+    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.0}
+
+
+class ScribbleAttentionTrainer_noAttentionBlock(ScribbleAttentionTrainer):
+    """Ablation: nnU-Net's network without the attention block (so no attentive term): pCE + gated CRF."""
+
+    use_attention_block = False
+    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.0}
