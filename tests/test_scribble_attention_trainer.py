@@ -1,0 +1,143 @@
+"""ScribbleAttentionTrainer inside nnU-Net: 2D and 3D training steps, no dense label read, exact
+resume, DDP (gloo, two processes), and the stock train → predict round trip on a tiny phantom."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+from nnunet_weak.environment import NNUNET_FOLDERS
+from nnunet_weak.trainers.nnUNetWeakTrainer import nnUNetWeakTrainer, nnUNetWeakTrainer_nearestDSTargets
+from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
+
+from conftest import subprocess_env
+
+DENSE, SPARSE = "Dataset960_PhantomDense", "Dataset961_PhantomScribble"
+BIN = Path(sys.executable).parent
+PROBE = Path(__file__).with_name("trainer_probe.py")
+TRAINER = "ScribbleAttentionTrainer"
+
+
+def run(command, env):
+    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, encoding="utf-8", errors="replace")
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def probe(env, *arguments) -> dict:
+    output = run([sys.executable, PROBE, *arguments], env).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attenscribble")
+    folders = {name: root / name for name in NNUNET_FOLDERS}
+    env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke")
+    run([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", "960", "--sparse_id", "961",
+         "--num_train", "5", "--num_test", "1", "--size", "32"], env)
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "960", "-c", "2d", "3d_fullres", "-np", "2", "-npfp", "2"], env)
+    run([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "961", "-c", "2d", "3d_fullres", "-np", "2",
+         "--plans_from", "960"], env)
+    # the probes run nnU-Net's data pipeline in-process (0 workers: deterministic); planning cannot
+    return folders, dict(env, nnUNet_n_proc_DA="0")
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_training_steps_use_every_term(workspace, configuration):
+    _, env = workspace
+    result = probe(env, "steps", "961", configuration, TRAINER, "2")
+    for step in result["losses"]:
+        assert all(np.isfinite(v) for v in step.values())
+        assert step["partial_ce_dice"] != 0 and step["gated_crf"] > 0 and step["attentive_similarity"] > 0
+        assert step["loss"] == pytest.approx(step["partial_ce_dice"] + 0.1 * step["gated_crf"]
+                                             + 0.1 * step["attentive_similarity"], rel=1e-5)
+    gradients = result["parameters"]
+    assert gradients["encoder.stages.2.block.affinity_bias"][1] > 0
+    assert gradients["encoder.stages.2.block.query.weight"][1] > 0
+
+
+def test_losses_never_read_dense_labels(workspace, tmp_path):
+    folders, env = workspace
+    copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
+    for name in NNUNET_FOLDERS:
+        shutil.copytree(folders[name], copies[name])
+    env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0")
+    before = probe(env, "steps", "961", "2d", TRAINER, "3")
+
+    rng = np.random.default_rng(0)
+    dense_files = (list((copies["nnUNet_raw"] / SPARSE / "labelsTr_dense").glob("*.nii.gz"))
+                   + list((copies["nnUNet_raw"] / DENSE / "labelsTr").glob("*.nii.gz"))
+                   + list((copies["nnUNet_preprocessed"] / DENSE / "gt_segmentations").glob("*.nii.gz")))
+    assert len(dense_files) >= 15
+    for path in dense_files:
+        image = sitk.ReadImage(str(path))
+        scrambled = sitk.GetImageFromArray(rng.integers(0, 4, sitk.GetArrayFromImage(image).shape).astype(np.uint8))
+        scrambled.CopyInformation(image)
+        sitk.WriteImage(scrambled, str(path))
+    after = probe(env, "steps", "961", "2d", TRAINER, "3")
+    assert after == before
+    assert any(step["gated_crf"] > 0 for step in after["losses"])
+
+
+def test_resume_restores_every_weight_and_the_next_step(workspace):
+    _, env = workspace
+    result = probe(env, "resume", "961", "2d", TRAINER, "2")
+    assert result["same_keys"] and result["same_state"] and result["same_after_step"]
+    assert result["losses"][0] == result["losses"][1]
+    assert {"encoder.stages.2.block.affinity_weight", "encoder.stages.2.block.affinity_bias"} <= set(result["keys"])
+
+
+@pytest.mark.parametrize("trainer", [TRAINER, "ScribbleAttentionTrainer_noAttentiveLoss"])
+def test_ddp_keeps_every_parameter_in_sync(workspace, trainer):
+    _, env = workspace
+    result = probe(env, "ddp", "961", "2d", trainer)
+    assert result["modules_with_parameters_outside_network"] == []
+    assert result["different"] == []
+    assert result["losses"][0]["loss"] != result["losses"][1]["loss"]  # the ranks saw different batches
+
+
+@pytest.mark.slow
+def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
+    folders, env = workspace
+    env = dict(env, nnUNet_n_proc_DA="1", NNUNET_WEAK_TRAINER_OPTIONS="lambda_crf=0.2")
+    train = [BIN / "nnUNetv2_train", "961", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
+    run(train, env)
+    fold = folders["nnUNet_results"] / SPARSE / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    record = json.loads((fold / "nnunet_weak_run.json").read_text())
+    assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1}
+    assert (fold / "loss_components.png").stat().st_size > 0
+    assert (fold / "validation" / "summary_dense.json").is_file()
+
+    refused = subprocess.run([str(c) for c in train + ["--c"]], env=dict(env, NNUNET_WEAK_TRAINER_OPTIONS=""),
+                             capture_output=True, encoding="utf-8", errors="replace")
+    assert refused.returncode != 0 and "was started with options" in refused.stdout + refused.stderr
+
+    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text())[0]["val"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in validation_cases:
+        shutil.copy(folders["nnUNet_raw"] / SPARSE / "imagesTr" / f"{case}_0000.nii.gz", images)
+    predictions = tmp_path / "predictions"
+    run([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "961", "-c", "2d", "-f", "0", "-tr", TRAINER,
+         "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    for case in validation_cases:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(predicted, validated)
+
+
+def test_sparse_datasets_get_sparse_preserving_targets():
+    def deep_supervision_transforms(trainer, ignore_label):
+        transforms = trainer.get_training_transforms(
+            (32, 32), None, [[1, 1], [0.5, 0.5]], (0, 1), False, foreground_labels=[1, 2, 3], ignore_label=ignore_label)
+        return [type(t) for t in transforms.transforms if "Downsample" in type(t).__name__]
+
+    assert deep_supervision_transforms(nnUNetWeakTrainer, 4) == [SparsePreservingDownsampleSegForDSTransform]
+    assert deep_supervision_transforms(nnUNetWeakTrainer, None) == [DownsampleSegForDSTransform]
+    assert deep_supervision_transforms(nnUNetWeakTrainer_nearestDSTargets, 4) == [DownsampleSegForDSTransform]

@@ -1,0 +1,138 @@
+"""Runs a project trainer in-process for a few steps and prints what the tests compare, as JSON.
+
+Run as a subprocess (``python tests/trainer_probe.py MODE ...``) because nnU-Net reads its folders
+from the environment once, when ``nnunetv2.paths`` is imported. Modes:
+
+- ``steps DATASET CONFIG TRAINER N``: N training steps from a fixed seed; the loss components of each
+  step, and a checksum of every parameter and of its last gradient.
+- ``resume DATASET CONFIG TRAINER N``: N steps, a checkpoint, a fresh trainer loaded from it; whether
+  the two agree on every parameter and optimiser state, and on one more step on the same batch.
+- ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
+  does, one step each on different batches; whether every parameter ended identical on both ranks.
+"""
+import json
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+
+def seeded(seed: int = 0):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_trainer(dataset: str, configuration: str, trainer_name: str):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    seeded(0)
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, "nnUNetPlans", device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.network.train()
+    return trainer
+
+
+def batches(trainer, seed: int):
+    seeded(seed)
+    train_loader, _ = trainer.get_dataloaders()
+    return train_loader
+
+
+def checksums(trainer) -> dict:
+    result = {}
+    for name, parameter in trainer.network.named_parameters():
+        result[name] = [float(parameter.detach().double().sum()),
+                        None if parameter.grad is None else float(parameter.grad.double().abs().sum())]
+    return result
+
+
+def numbers(output: dict) -> dict:
+    return {k: float(np.asarray(v)) for k, v in output.items()}
+
+
+def steps(dataset, configuration, trainer_name, count):
+    trainer = make_trainer(dataset, configuration, trainer_name)
+    loader = batches(trainer, 0)
+    seeded(1)
+    losses = [numbers(trainer.train_step(next(loader))) for _ in range(int(count))]
+    print(json.dumps({"losses": losses, "parameters": checksums(trainer)}))
+
+
+def resume(dataset, configuration, trainer_name, count):
+    first = make_trainer(dataset, configuration, trainer_name)
+    loader = batches(first, 0)
+    seeded(1)
+    for _ in range(int(count)):
+        first.train_step(next(loader))
+    checkpoint = os.path.join(tempfile.mkdtemp(), "checkpoint.pth")
+    first.save_checkpoint(checkpoint)
+    second = make_trainer(dataset, configuration, trainer_name)
+    second.load_checkpoint(checkpoint)
+    same_state = all(torch.equal(a, b) for a, b in zip(first.network.state_dict().values(),
+                                                       second.network.state_dict().values()))
+    same_keys = list(first.network.state_dict()) == list(second.network.state_dict())
+    batch = next(loader)
+    seeded(2)
+    after_first = numbers(first.train_step({k: v for k, v in batch.items()}))
+    seeded(2)
+    after_second = numbers(second.train_step({k: v for k, v in batch.items()}))
+    same_after = all(torch.equal(a, b) for a, b in zip(first.network.parameters(), second.network.parameters()))
+    print(json.dumps({"same_state": same_state, "same_keys": same_keys, "losses": [after_first, after_second],
+                      "same_after_step": same_after,
+                      "keys": [k for k in first.network.state_dict() if "block" in k]}))
+
+
+def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    trainer = make_trainer(dataset, configuration, trainer_name)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # what nnU-Net does under -num_gpus 2 (whose trainers insist on CUDA), on CPU: a DDP-aware loss
+    # (its deep-supervision weights keep every output in use) and the network wrapped in DDP
+    trainer.is_ddp, trainer.local_rank = True, rank
+    trainer.loss = trainer._build_loss()
+    trainer.network = DistributedDataParallel(trainer.network)
+    loader = batches(trainer, 100 + rank)
+    seeded(rank)
+    output = numbers(trainer.train_step(next(loader)))
+    parameters = [p.detach() for p in trainer.network.parameters()]
+    gathered = [[torch.zeros_like(p) for p in parameters] for _ in range(2)]
+    for index, parameter in enumerate(parameters):
+        copies = [torch.zeros_like(parameter) for _ in range(2)]
+        dist.all_gather(copies, parameter)
+        for r in range(2):
+            gathered[r][index] = copies[r]
+    losses = [None, None]
+    dist.all_gather_object(losses, output)
+    if rank == 0:
+        inside = {id(p) for p in trainer.network.parameters()}
+        outside = [name for name, value in vars(trainer).items() if isinstance(value, torch.nn.Module)
+                   and any(id(p) not in inside for p in value.parameters())]
+        names = [name for name, _ in trainer.network.named_parameters()]
+        result = {"different": [n for n, a, b in zip(names, *gathered) if not torch.equal(a, b)], "losses": losses,
+                  "modules_with_parameters_outside_network": outside,
+                  "trainable": sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)}
+        with open(result_file, "w") as handle:
+            json.dump(result, handle)
+    dist.destroy_process_group()
+
+
+def ddp(dataset, configuration, trainer_name):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result_file = os.path.join(tempfile.mkdtemp(), "ddp.json")
+    torch.multiprocessing.spawn(_ddp_worker, args=(dataset, configuration, trainer_name, port, result_file), nprocs=2)
+    with open(result_file) as handle:
+        print(json.dumps(json.load(handle)))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mode, *arguments = sys.argv[1:]
+    {"steps": steps, "resume": resume, "ddp": ddp}[mode](*arguments)
