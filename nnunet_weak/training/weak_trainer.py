@@ -17,6 +17,8 @@
    deep-supervision targets are pooled so that annotated voxels stay annotated
    (``nnunet_weak.transforms.sparse_downsampling``) instead of nnU-Net's nearest-neighbour
    down-sampling, which erases thin scribbles; ``nnUNetWeakTrainer_nearestDSTargets`` keeps nnU-Net's.
+   Voxels outside the image (padding, augmentation borders) stay nnU-Net's annotated background
+   unless a subclass sets ``outside_image_label = "ignore"``.
 
 Method trainers subclass it and override :meth:`nnUNetWeakTrainer.compute_training_loss` (the loss of
 one training batch, with named components that are logged per epoch) and, where the method changes
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
@@ -57,6 +60,10 @@ class nnUNetWeakTrainer(nnUNetTrainer):
 
     #: down-sampling of sparse deep-supervision targets: "sparse_preserving" or nnU-Net's "nearest"
     sparse_target_downsampling = "sparse_preserving"
+    #: what voxels outside the image (padding, augmentation borders; nnU-Net's -1) become on sparse
+    #: datasets: nnU-Net's "background" (annotated), or "ignore" (un-annotated, like every voxel that
+    #: no scribble covers)
+    outside_image_label = "background"
     #: names of the loss components returned by compute_training_loss, logged per epoch
     training_loss_components: tuple[str, ...] = ()
     #: hyper-parameters settable through NNUNET_WEAK_TRAINER_OPTIONS, with their defaults; each becomes
@@ -170,14 +177,23 @@ class nnUNetWeakTrainer(nnUNetTrainer):
 
     @classmethod
     def _with_sparse_targets(cls, transforms, ignore_label, regions):
-        if ignore_label is None or regions is not None or cls.sparse_target_downsampling == "nearest":
+        """nnU-Net's transforms with ``sparse_target_downsampling`` and ``outside_image_label`` applied."""
+        if ignore_label is None or regions is not None:
             return transforms
-        if cls.sparse_target_downsampling != "sparse_preserving":
+        if cls.sparse_target_downsampling not in ("sparse_preserving", "nearest"):
             raise ValueError(f"sparse_target_downsampling must be 'sparse_preserving' or 'nearest', got "
                              f"{cls.sparse_target_downsampling!r}")
-        transforms.transforms = [
-            SparsePreservingDownsampleSegForDSTransform(t.ds_scales, ignore_label)
-            if isinstance(t, DownsampleSegForDSTransform) else t for t in transforms.transforms]
+        if cls.outside_image_label not in ("background", "ignore"):
+            raise ValueError(f"outside_image_label must be 'background' or 'ignore', got {cls.outside_image_label!r}")
+        adapted = []
+        for transform in transforms.transforms:
+            if isinstance(transform, DownsampleSegForDSTransform) and cls.sparse_target_downsampling != "nearest":
+                transform = SparsePreservingDownsampleSegForDSTransform(transform.ds_scales, ignore_label)
+            elif (isinstance(transform, RemoveLabelTransform) and transform.label_value == -1
+                  and cls.outside_image_label == "ignore"):
+                transform = RemoveLabelTransform(-1, ignore_label, transform.segmentation_channels)
+            adapted.append(transform)
+        transforms.transforms = adapted
         return transforms
 
     @classmethod
