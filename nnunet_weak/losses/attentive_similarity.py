@@ -29,9 +29,6 @@ from torch.utils.checkpoint import checkpoint
 from nnunet_weak.losses.local_window import (DEFAULT_TILE_ELEMENTS, LocalWindow, WindowTile,
                                              at_least_single_precision, sum_over_tiles, window_tiles)
 
-# rows of Q·Kᵀ per log-normaliser chunk, times N: bounds the transient memory of that step
-_CHUNK_ELEMENTS = 1 << 24
-
 
 def _check_inputs(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, window: LocalWindow):
     if queries.shape != keys.shape:
@@ -63,7 +60,8 @@ def attention_log_normaliser(queries: torch.Tensor, keys: torch.Tensor) -> torch
     q = queries.flatten(2).transpose(1, 2)
     k = keys.flatten(2).transpose(1, 2)
     n = q.shape[1]
-    rows = max(1, _CHUNK_ELEMENTS // max(1, batch * n))
+    # the same bound on one chunk's (batch × rows × N) logits as on one tile's block
+    rows = max(1, DEFAULT_TILE_ELEMENTS // max(1, batch * n))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     chunks = []
     for start in range(0, n, rows):

@@ -12,13 +12,14 @@ refers to in the authors' code; nnU-Net's own normalisation (z-scores for MRI) w
 intensity kernel ten times narrower. Positions are in voxels of the finest axis; with anisotropic
 3D spacing the window and the distance are physical (``nnunet_weak.losses.local_window``).
 
-Gradients reach ``y`` only. Memory is linear in the number of voxels (one window offset at a time).
+Gradients reach ``y`` only (an explicit backward pass, checked by ``gradcheck``). Memory is linear in the
+number of voxels: one window offset at a time, nothing kept per offset.
 """
 from __future__ import annotations
 
 import torch
 
-from nnunet_weak.losses.local_window import LocalWindow, at_least_single_precision, pair_slices, sum_over_offsets
+from nnunet_weak.losses.local_window import LocalWindow, at_least_single_precision, pair_slices
 
 
 def min_max_rescaled(image: torch.Tensor) -> torch.Tensor:
@@ -29,14 +30,44 @@ def min_max_rescaled(image: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / span).reshape(image.shape)
 
 
-def _gated_crf_pair_energy(offset, weight, probabilities, image, unannotated, inverse_two_sigma2):
-    first, second = pair_slices(probabilities.shape[2:], offset)
-    i, j = (slice(None), slice(None)) + first, (slice(None), slice(None)) + second
-    kernel = weight * torch.exp(-((image[i] - image[j]) ** 2).sum(1) * inverse_two_sigma2)
-    dissimilarity = 1 - (probabilities[i] * probabilities[j]).sum(1)
-    # the pair counts from i where i is un-annotated and from j where j is
-    gate = unannotated[i[1:]] + unannotated[j[1:]]
-    return (gate * kernel * dissimilarity).sum()
+def _pairs(window: LocalWindow, spatial_shape, image, unannotated, inverse_two_sigma2):
+    """For one offset ``d`` of each ``±d`` pair: the slices of ``i`` and ``j = i + d`` and the pair weight
+    ``k_ij (m_i + m_j)`` (the pair counts from each of its un-annotated ends), ``(B, *overlap)``."""
+    for offset, weight in zip(window.offsets, window.weights):
+        if next(o for o in offset if o) < 0:
+            continue
+        first, second = pair_slices(spatial_shape, offset)
+        i, j = (slice(None), slice(None)) + first, (slice(None), slice(None)) + second
+        kernel = weight * torch.exp(-((image[i] - image[j]) ** 2).sum(1) * inverse_two_sigma2)
+        yield i, j, kernel * (unannotated[i[1:]] + unannotated[j[1:]])
+
+
+class _MaskedGatedCRFEnergy(torch.autograd.Function):
+    """``E = Σ_pairs w_ij (1 - ⟨y_i, y_j⟩)`` and ``∂E/∂y_i = -Σ_j w_ij y_j``, one offset at a time.
+
+    Written out rather than left to autograd: autograd would keep every offset's intermediates, or,
+    checkpointed, build a full-size gradient per offset; here the backward pass recomputes the pair
+    weights (they do not depend on ``y``) and accumulates into one gradient buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, probabilities, image, unannotated, window, inverse_two_sigma2):
+        ctx.save_for_backward(probabilities, image, unannotated)
+        ctx.window, ctx.inverse_two_sigma2 = window, inverse_two_sigma2
+        total = probabilities.new_zeros(())
+        for i, j, weight in _pairs(window, probabilities.shape[2:], image, unannotated, inverse_two_sigma2):
+            total += (weight * (1 - (probabilities[i] * probabilities[j]).sum(1))).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        probabilities, image, unannotated = ctx.saved_tensors
+        grad = torch.zeros_like(probabilities)
+        for i, j, weight in _pairs(ctx.window, probabilities.shape[2:], image, unannotated, ctx.inverse_two_sigma2):
+            weight = weight.unsqueeze(1)
+            grad[i] -= weight * probabilities[j]
+            grad[j] -= weight * probabilities[i]
+        return grad * grad_output, None, None, None, None
 
 
 def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unannotated: torch.Tensor,
@@ -67,6 +98,4 @@ def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unan
     if count == 0:
         return probabilities.sum() * 0
     rescaled = min_max_rescaled(at_least_single_precision(image.detach()))
-    total = sum_over_offsets(_gated_crf_pair_energy, window,
-                             (probabilities, rescaled, gate, 1.0 / (2 * intensity_sigma ** 2)))
-    return total / count
+    return _MaskedGatedCRFEnergy.apply(probabilities, rescaled, gate, window, 1.0 / (2 * intensity_sigma ** 2)) / count

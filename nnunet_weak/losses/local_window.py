@@ -2,17 +2,17 @@
 
 The masked gated CRF loss and the attentive similarity loss both sum an energy over ordered pairs of
 positions ``(i, j)`` closer than a radius, weighted by a spatial Gaussian ``G`` (:class:`LocalWindow`).
-Materialising all pairs of the grid costs ``N²`` (the authors' formulation). Two ways avoid it, both
-checkpointed piece by piece, so that the backward pass recomputes each piece instead of storing it
-and memory stays linear in ``N`` whatever the window:
+Materialising all pairs of the grid costs ``N²`` (the authors' formulation). Two ways avoid it, so
+that memory stays linear in ``N`` whatever the window:
 
-- :func:`sum_over_offsets` visits one window offset ``d`` at a time and pairs ``i`` with ``i + d``
-  through two slices of the same tensor (views). Cheap when the pair energy involves few channels
-  (the CRF: a handful of classes and image channels).
+- one window offset ``d`` at a time, pairing ``i`` with ``i + d`` through two slices of the same
+  tensor (:func:`pair_slices`, views). Cheap when the pair energy involves few channels (the CRF: a
+  handful of classes and image channels).
 - :func:`sum_over_tiles` cuts the grid into tiles; the partners of a tile's positions lie in the tile
   dilated by the window (its *band*), so inner products over many channels (the attention's
   ``q_i · k_j``, 128 or more channels) come from one ``(tile × band)`` matrix product, the fast path of
-  every BLAS, weighted by ``G``. Memory: one tile's ``B × tile × band`` block (``max_elements``).
+  every BLAS, weighted by ``G``. Each tile is checkpointed: memory is one tile's ``B × tile × band``
+  block (``max_elements``).
 
 Anisotropic spacing: the radius and the Gaussian's sigma are in voxels of the finest axis; along a
 coarser axis the radius shrinks (``floor(radius · s_min / s_axis)``) and distances are measured in
@@ -79,29 +79,6 @@ def pair_slices(spatial_shape: Sequence[int], offset: Sequence[int]) -> tuple[tu
         first.append(slice(max(0, -o), size - max(0, o)))
         second.append(slice(max(0, o), size + min(0, o)))
     return tuple(first), tuple(second)
-
-
-def sum_over_offsets(pair_energy: Callable[..., torch.Tensor], window: LocalWindow, tensors: Sequence,
-                     max_elements: float = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
-    """``Σ_d pair_energy(d, G_d, *tensors)`` over one offset ``d`` of each ``±d`` pair of the window.
-
-    For energies of few channels, symmetric in ``(i, j)``: ``pair_energy`` pairs ``x[first]`` with
-    ``x[second]`` (:func:`pair_slices`, views of ``(B, C, *spatial)`` tensors) and returns the scalar
-    energy of the pairs ``(i, i + d)`` *and* ``(i + d, i)``. Plain numbers may be among ``tensors`` as
-    constants. Offsets are checkpointed when keeping all of them for the backward pass would exceed
-    ``max_elements`` (``batch × positions × offsets``).
-    """
-    half = [(d, w) for d, w in zip(window.offsets, window.weights) if next(o for o in d if o) > 0]
-    reference = tensors[0]
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-    checkpointed = needs_grad and reference.shape[0] * reference[0, 0].numel() * len(half) > max_elements
-    total = reference.new_zeros(())
-    for offset, weight in half:
-        if checkpointed:
-            total = total + checkpoint(pair_energy, offset, weight, *tensors, use_reentrant=False)
-        else:
-            total = total + pair_energy(offset, weight, *tensors)
-    return total
 
 
 @dataclass(frozen=True, eq=False)
