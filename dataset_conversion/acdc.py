@@ -18,7 +18,6 @@ whole patients in ``imagesTs``/``labelsTs``, and the same patient-grouped 5-fold
 from __future__ import annotations
 
 import csv
-import os
 import re
 from dataclasses import dataclass
 from functools import partial

@@ -1,6 +1,8 @@
 """Shared fixtures: isolated nnU-Net folders, tiny phantom datasets."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,28 @@ def subprocess_env(folders: dict[str, Path], **extra: str) -> dict[str, str]:
 def repository_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_checked(command, env, cwd=None) -> subprocess.CompletedProcess:
+    """Run a command; fail the test with the end of its output if it fails."""
+    result = subprocess.run([str(c) for c in command], env=env, cwd=cwd, capture_output=True, encoding="utf-8",
+                            errors="replace")
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def planned_phantom_twins(root: Path, dense_id: int, sparse_id: int, configurations=("2d",), num_train: int = 5,
+                          num_test: int = 2, **env_extra: str):
+    """A 32×32 phantom dense dataset planned by nnU-Net and its scribble twin on the same plans."""
+    folders = {name: root / name for name in NNUNET_FOLDERS}
+    env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke", **env_extra)
+    run_checked([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", str(dense_id), "--sparse_id",
+                 str(sparse_id), "--num_train", str(num_train), "--num_test", str(num_test), "--size", "32"], env)
+    run_checked([BIN / "nnUNetv2_plan_and_preprocess", "-d", str(dense_id), "-c", *configurations, "-np", "2",
+                 "-npfp", "2"], env)
+    run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", str(sparse_id), "-c", *configurations, "-np", "2",
+                 "--plans_from", str(dense_id)], env)
+    return folders, env

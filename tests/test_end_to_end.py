@@ -7,39 +7,22 @@ convert -> nnUNetv2_plan_and_preprocess (dense) -> nnunet-weak plan_and_preproce
 import json
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import subprocess_env
+from conftest import BIN, planned_phantom_twins, run_checked
 
 pytestmark = pytest.mark.slow
 
 DENSE, SPARSE, SEMI = "Dataset950_PhantomDense", "Dataset951_PhantomScribble", "Dataset952_PhantomSemi"
-BIN = Path(sys.executable).parent
-
-
-def run(command, env, cwd=None):
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace")
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    folders = {name: root / name for name in NNUNET_FOLDERS}
-    env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke")
-    run([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", "950", "--sparse_id", "951",
-         "--num_train", "5", "--num_test", "2", "--size", "32"], env)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "950", "-c", "2d", "-np", "2", "-npfp", "2"], env)
-    run([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "951", "-c", "2d", "-np", "2", "--plans_from", "950"], env)
-    return folders, env
+    return planned_phantom_twins(tmp_path_factory.mktemp("e2e"), 950, 951)
 
 
 def fold_folder(folders, dataset):
@@ -49,7 +32,7 @@ def fold_folder(folders, dataset):
 def test_train_continue_validate_predict_score(workspace):
     folders, env = workspace
     train = [BIN / "nnUNetv2_train", "951", "2d", "0", "-tr", "nnUNetWeakTrainer", "-device", "cpu"]
-    run(train, env)
+    run_checked(train, env)
     fold = fold_folder(folders, SPARSE)
     assert (fold / "checkpoint_final.pth").is_file()
     assert json.loads((fold / "nnunet_weak_run.json").read_text())["budget"]["name"] == "smoke"
@@ -61,21 +44,21 @@ def test_train_continue_validate_predict_score(workspace):
     assert set(dense_summary["mean"]) == {"RV", "MYO", "LV"}
 
     # --c on a finished run, and a changed budget is refused
-    run(train + ["--c"], env)
+    run_checked(train + ["--c"], env)
     refused = subprocess.run(train + ["--c"], env=dict(env, NNUNET_WEAK_BUDGET="3x3"), capture_output=True,
                              encoding="utf-8", errors="replace")
     assert refused.returncode != 0
     assert "was started with budget 'smoke'" in refused.stdout + refused.stderr
 
     (fold / "validation" / "summary_dense.json").unlink()
-    run(train + ["--val"], env)
+    run_checked(train + ["--val"], env)
     assert (fold / "validation" / "summary_dense.json").is_file()
 
     predictions = folders["nnUNet_results"] / "test_predictions"
-    run([BIN / "nnUNetv2_predict", "-i", folders["nnUNet_raw"] / SPARSE / "imagesTs", "-o", predictions,
+    run_checked([BIN / "nnUNetv2_predict", "-i", folders["nnUNet_raw"] / SPARSE / "imagesTs", "-o", predictions,
          "-d", "951", "-c", "2d", "-f", "0", "-tr", "nnUNetWeakTrainer", "-chk", "checkpoint_final.pth",
          "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    out = run([BIN / "nnunet-weak", "evaluate", "-d", "951", "-i", predictions], env)
+    out = run_checked([BIN / "nnunet-weak", "evaluate", "-d", "951", "-i", predictions], env)
     assert "mean  Dice" in out.stdout
     test_summary = json.loads((predictions / "summary_dense.json").read_text())
     assert len(test_summary["metric_per_case"]) == 2
@@ -89,7 +72,7 @@ def test_compare_reuses_finished_runs(workspace):
         pytest.skip("needs the training of test_train_continue_validate_predict_score")
     before = (fold / "checkpoint_final.pth").stat().st_mtime
     output = folders["nnUNet_results"] / "comparison"
-    run([BIN / "nnunet-weak", "compare", "--dense", "950", "--sparse", "951", "--budget", "smoke",
+    run_checked([BIN / "nnunet-weak", "compare", "--dense", "950", "--sparse", "951", "--budget", "smoke",
          "--device", "cpu", "--disable_tta", "-o", output], env)
     assert (fold / "checkpoint_final.pth").stat().st_mtime == before
     assert (fold_folder(folders, DENSE) / "checkpoint_final.pth").is_file()
@@ -124,7 +107,7 @@ def test_unlabelled_cases_never_reach_the_supervised_stream(workspace, monkeypat
         write_volume(np.full(sitk.GetArrayFromImage(image).shape, 4, np.uint8),
                      tuple(reversed(image.GetSpacing())), label_file)
     manifest_file.write_text(json.dumps(manifest))
-    run([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "952", "-c", "2d", "-np", "2", "--plans_from", "950"], env)
+    run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "952", "-c", "2d", "-np", "2", "--plans_from", "950"], env)
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)

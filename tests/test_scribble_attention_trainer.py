@@ -15,35 +15,22 @@ from nnunet_weak.environment import NNUNET_FOLDERS
 from nnunet_weak.trainers.nnUNetWeakTrainer import nnUNetWeakTrainer, nnUNetWeakTrainer_nearestDSTargets
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
-from conftest import subprocess_env
+from conftest import BIN, planned_phantom_twins, run_checked, subprocess_env
 
 DENSE, SPARSE = "Dataset960_PhantomDense", "Dataset961_PhantomScribble"
-BIN = Path(sys.executable).parent
 PROBE = Path(__file__).with_name("trainer_probe.py")
 TRAINER = "ScribbleAttentionTrainer"
 
 
-def run(command, env):
-    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, encoding="utf-8", errors="replace")
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 def probe(env, *arguments) -> dict:
-    output = run([sys.executable, PROBE, *arguments], env).stdout
+    output = run_checked([sys.executable, PROBE, *arguments], env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("attenscribble")
-    folders = {name: root / name for name in NNUNET_FOLDERS}
-    env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke")
-    run([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", "960", "--sparse_id", "961",
-         "--num_train", "5", "--num_test", "1", "--size", "32"], env)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "960", "-c", "2d", "3d_fullres", "-np", "2", "-npfp", "2"], env)
-    run([BIN / "nnunet-weak", "plan_and_preprocess", "-d", "961", "-c", "2d", "3d_fullres", "-np", "2",
-         "--plans_from", "960"], env)
+    folders, env = planned_phantom_twins(tmp_path_factory.mktemp("attenscribble"), 960, 961, ("2d", "3d_fullres"),
+                                         num_test=1)
     # the probes run nnU-Net's data pipeline in-process (0 workers: deterministic); planning cannot
     return folders, dict(env, nnUNet_n_proc_DA="0")
 
@@ -107,7 +94,7 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
     folders, env = workspace
     env = dict(env, nnUNet_n_proc_DA="1", NNUNET_WEAK_TRAINER_OPTIONS="lambda_crf=0.2")
     train = [BIN / "nnUNetv2_train", "961", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
-    run(train, env)
+    run_checked(train, env)
     fold = folders["nnUNet_results"] / SPARSE / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
     record = json.loads((fold / "nnunet_weak_run.json").read_text())
     assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1}
@@ -124,7 +111,7 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
     for case in validation_cases:
         shutil.copy(folders["nnUNet_raw"] / SPARSE / "imagesTr" / f"{case}_0000.nii.gz", images)
     predictions = tmp_path / "predictions"
-    run([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "961", "-c", "2d", "-f", "0", "-tr", TRAINER,
+    run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "961", "-c", "2d", "-f", "0", "-tr", TRAINER,
          "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
     for case in validation_cases:
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
