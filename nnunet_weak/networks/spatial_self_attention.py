@@ -3,16 +3,17 @@
 Applied to the ``N = prod(spatial)`` positions of one encoder stage, treated as tokens of width
 ``C`` (the stage's channels)::
 
-    x ← x + W_o · softmax_rows(Q Kᵀ) V,   Q = W_q LN(x), K = W_k LN(x), V = W_v LN(x)   (single head, no 1/√C)
+    x ← x + W_o · softmax_rows(Q Kᵀ / √C) V,   Q = W_q LN(x), K = W_k LN(x), V = W_v LN(x)   (single head)
     x ← x + MixFFN(LN(x)),                MixFFN = Linear(C→rC) → depth-wise 3^d conv → GELU → Linear(rC→C)
     x ← LN(x)
 
 The attention itself runs through ``torch.nn.functional.scaled_dot_product_attention``, a fused kernel
-that never materialises the ``N×N`` matrix (in float32: without the 1/√C scale the logits overflow
-half precision). In training mode the block keeps ``Q`` and ``K`` (with their
-autograd history) so that the attentive similarity loss can be computed from them
-(``nnunet_weak.losses.attentive_similarity``); ``affinity_weight`` and ``affinity_bias`` are the learnable
-scalars ``w, b`` of ``K = sigmoid(w·(A + Aᵀ) + b)``. They live in the block so that they are part of
+that never materialises the ``N×N`` matrix, in float32. In training mode the block keeps ``Q`` and ``K``
+(with their autograd history) so that the attentive similarity loss can be computed from them
+(``nnunet_weak.losses.attentive_similarity``): its ``A = softmax_rows(Q Kᵀ)`` takes the logits
+*without* the 1/√C scale, as the authors' code does (their forward pass scales, their affinity does
+not). ``affinity_weight`` and ``affinity_bias`` are the learnable scalars ``w, b`` of
+``K = sigmoid(w·(A + Aᵀ) + b)``. They live in the block so that they are part of
 the network: optimised, clipped, synchronised under DDP and checkpointed like every other weight.
 """
 from __future__ import annotations
@@ -44,9 +45,9 @@ class SpatialSelfAttentionBlock(nn.Module):
         self.channels = channels
         self.spatial_dims = spatial_dims
         self.attention_norm = nn.LayerNorm(channels)
-        self.query = nn.Linear(channels, channels)
-        self.key = nn.Linear(channels, channels)
-        self.value = nn.Linear(channels, channels)
+        self.query = nn.Linear(channels, channels, bias=False)
+        self.key = nn.Linear(channels, channels, bias=False)
+        self.value = nn.Linear(channels, channels, bias=False)
         self.output_projection = nn.Linear(channels, channels)
         self.mlp_norm = nn.LayerNorm(channels)
         hidden = channels * mlp_ratio
@@ -68,10 +69,10 @@ class SpatialSelfAttentionBlock(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         normed = self.attention_norm(tokens)
         queries, keys, values = self.query(normed), self.key(normed), self.value(normed)
-        # un-scaled logits overflow half precision: the attention runs in float32 even under autocast
+        # the attention over all positions runs in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
             attended = F.scaled_dot_product_attention(
-                *(at_least_single_precision(t)[:, None] for t in (queries, keys, values)), scale=1.0)[:, 0]
+                *(at_least_single_precision(t)[:, None] for t in (queries, keys, values)))[:, 0]
         attended = attended.to(values.dtype)
         tokens = tokens + self.output_projection(attended)
 
