@@ -198,7 +198,7 @@ def main() -> int:
              f"steps (after a warm-up step), synthetic batches of the planned patch and batch size.", "",
              "| configuration | patch x batch | attention grid | s/iter nnUNetTrainer | s/iter ScribbleAttention | "
              "time ratio | peak MiB nnUNetTrainer | peak MiB ScribbleAttention | memory ratio | L_att peak MiB "
-             "(tiles) | L_att peak MiB (naive N×N) |",
+             "(ours) | L_att peak MiB (naive N×N) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         naive = (f"{r['naive']['peak_mib']:.0f}" if r["naive"] is not None
