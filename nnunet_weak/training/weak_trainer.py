@@ -81,6 +81,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self.save_every = max(1, min(50, self.num_epochs // 5))
         self._raw_dataset: RawDataset | None = None
         self._raw_dataset_loaded = False
+        # nnU-Net's logger refuses keys it was not created with
         for component in self.training_loss_components:
             self.logger.local_logger.my_fantastic_logging.setdefault(component, [])
         self.options = trainer_options_from_environment(self.tunable_options, self.__class__.__name__)
