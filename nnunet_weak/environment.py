@@ -63,8 +63,13 @@ def export_lines(root: str | None, has_gpu: bool, cpu_count: int) -> list[str]:
 
 
 def project_trainer_names() -> list[str]:
-    """Names of the trainer modules in the project's trainers folder."""
-    return sorted(p.stem for p in trainers_folder().glob("*.py") if not p.stem.startswith("_"))
+    """Names of the trainer classes defined in the project's trainers folder (read, not imported)."""
+    import ast
+    names = []
+    for module in trainers_folder().glob("*.py"):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        names += [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+    return sorted(set(names) | {p.stem for p in trainers_folder().glob("*.py") if not p.stem.startswith("_")})
 
 
 def check_trainer_exists(name: str) -> None:

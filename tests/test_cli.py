@@ -66,5 +66,6 @@ def test_unknown_dataset_id(nnunet_folders, capsys):
 def test_unknown_trainer_and_budget(nnunet_folders, capsys):
     err = _error_of(["compare", "--dense", "1", "--sparse", "2", "--trainers", "NoSuchTrainer"], capsys)
     assert "No trainer named 'NoSuchTrainer'" in err and "nnUNetWeakTrainer" in err
+    assert "ScribbleAttentionTrainer_noCRF" in err  # variants are listed, not only modules
     err = _error_of(["compare", "--dense", "1", "--sparse", "2", "--budget", "forever"], capsys)
     assert "Unknown budget 'forever'" in err
