@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 from nnunet_weak.trainers.nnUNetWeakTrainer import nnUNetWeakTrainer, nnUNetWeakTrainer_nearestDSTargets
+from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
 from conftest import BIN, planned_phantom_twins, run_checked, subprocess_env
@@ -119,7 +121,7 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
         np.testing.assert_array_equal(predicted, validated)
 
 
-def test_sparse_datasets_get_sparse_preserving_targets():
+def test_sparse_datasets_get_sparse_preserving_targets_and_padding_rule():
     def deep_supervision_transforms(trainer, ignore_label):
         transforms = trainer.get_training_transforms(
             (32, 32), None, [[1, 1], [0.5, 0.5]], (0, 1), False, foreground_labels=[1, 2, 3], ignore_label=ignore_label)
@@ -128,3 +130,12 @@ def test_sparse_datasets_get_sparse_preserving_targets():
     assert deep_supervision_transforms(nnUNetWeakTrainer, 4) == [SparsePreservingDownsampleSegForDSTransform]
     assert deep_supervision_transforms(nnUNetWeakTrainer, None) == [DownsampleSegForDSTransform]
     assert deep_supervision_transforms(nnUNetWeakTrainer_nearestDSTargets, 4) == [DownsampleSegForDSTransform]
+
+    def outside_image_value(trainer):
+        transforms = trainer.get_training_transforms(
+            (32, 32), None, [[1, 1], [0.5, 0.5]], (0, 1), False, foreground_labels=[1, 2, 3], ignore_label=4)
+        (rule,) = [t for t in transforms.transforms if isinstance(t, RemoveLabelTransform) and t.label_value == -1]
+        return rule.set_to
+
+    assert outside_image_value(nnUNetWeakTrainer) == 0  # nnU-Net's: annotated background
+    assert outside_image_value(ScribbleAttentionTrainer) == 4  # un-annotated

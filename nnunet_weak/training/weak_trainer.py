@@ -42,9 +42,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_weak.atomic import write_json_atomic
-from nnunet_weak.plots import plot_loss_components
 from nnunet_weak.budget import Budget, budget_from_environment, parse_budget
 from nnunet_weak.evaluation import score_cases
+from nnunet_weak.plots import plot_loss_components
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.supervision import SupervisionManifest
 from nnunet_weak.training.options import OPTIONS_ENV, trainer_options_from_environment
@@ -177,7 +177,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
     # ---- deep-supervision targets ------------------------------------------------------------
 
     @classmethod
-    def _with_sparse_targets(cls, transforms, ignore_label, regions):
+    def _adapted_to_sparse_labels(cls, transforms, ignore_label, regions):
         """nnU-Net's transforms with ``sparse_target_downsampling`` and ``outside_image_label`` applied."""
         if ignore_label is None or regions is not None:
             return transforms
@@ -205,7 +205,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
             regions=regions, ignore_label=ignore_label)
-        return cls._with_sparse_targets(transforms, ignore_label, regions)
+        return cls._adapted_to_sparse_labels(transforms, ignore_label, regions)
 
     @classmethod
     def get_validation_transforms(cls, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
@@ -213,7 +213,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         transforms = nnUNetTrainer.get_validation_transforms(
             deep_supervision_scales, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
             regions=regions, ignore_label=ignore_label)
-        return cls._with_sparse_targets(transforms, ignore_label, regions)
+        return cls._adapted_to_sparse_labels(transforms, ignore_label, regions)
 
     # ---- budget ------------------------------------------------------------------------------
 
