@@ -99,13 +99,12 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
     loader = batches(trainer, 100 + rank)
     seeded(rank)
     output = numbers(trainer.train_step(next(loader)))
-    parameters = [p.detach() for p in trainer.network.parameters()]
-    gathered = [[torch.zeros_like(p) for p in parameters] for _ in range(2)]
-    for index, parameter in enumerate(parameters):
+    # per parameter, its value on rank 0 and on rank 1
+    gathered = []
+    for parameter in trainer.network.parameters():
         copies = [torch.zeros_like(parameter) for _ in range(2)]
-        dist.all_gather(copies, parameter)
-        for r in range(2):
-            gathered[r][index] = copies[r]
+        dist.all_gather(copies, parameter.detach())
+        gathered.append(copies)
     losses = [None, None]
     dist.all_gather_object(losses, output)
     if rank == 0:
@@ -113,7 +112,7 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
         outside = [name for name, value in vars(trainer).items() if isinstance(value, torch.nn.Module)
                    and any(id(p) not in inside for p in value.parameters())]
         names = [name for name, _ in trainer.network.named_parameters()]
-        result = {"different": [n for n, a, b in zip(names, *gathered) if not torch.equal(a, b)], "losses": losses,
+        result = {"different": [n for n, (a, b) in zip(names, gathered) if not torch.equal(a, b)], "losses": losses,
                   "modules_with_parameters_outside_network": outside,
                   "trainable": sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)}
         with open(result_file, "w") as handle:

@@ -76,6 +76,9 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
         spacing = [float(s) for s in self.configuration_manager.spacing]
         self.crf_window = LocalWindow.gaussian(self.window_radius, self.window_sigma, spacing)
         self.attention_block, self.attention_window = None, None
+        if not self.use_attention_block and self.lambda_attentive > 0:
+            raise RuntimeError(f"{self.__class__.__name__} has no attention block, so it has no attentive similarity "
+                               f"term: set lambda_attentive=0 in NNUNET_WEAK_TRAINER_OPTIONS.")
         if self.use_attention_block:
             (stage, self.attention_block), = attached_blocks(self.network).items()
             stride = cumulative_stage_strides(self.network)[stage]
