@@ -2,10 +2,13 @@
 
 For each configuration of a planned dataset, both trainers run the same number of training steps
 (``train_step``: forward, loss, backward, optimiser) on the same synthetic batch of the plans' patch
-and batch size, each in a fresh process, alternating, and the table reports the medians of the step
-times and the peak memory of the steps. It then measures the attentive similarity loss alone on the
-attention grid of that configuration, in the memory-linear formulation (tiles) and in the naive
-``N × N`` one; the naive one is not run where its matrices alone would exceed ``--naive_limit_gib``.
+and batch size (``--batch_size`` overrides the batch size for a machine that cannot hold it), each
+in a fresh process, alternating, and the table reports the medians of the step times and the peak
+memory of the steps; a run the system kills (out of memory) is reported as such. It then measures
+on the attention grid of that configuration the attention block alone (fused attention, beside the
+size of the N × N matrices an unfused one would keep) and the attentive similarity loss alone, in the
+memory-linear formulation (tiles) and in the naive ``N × N`` one; the naive one is not run where its
+matrices alone would exceed ``--naive_limit_gib``.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, minus what was allocated before;
 on CPU the peak resident set size during the steps (``VmHWM``, reset first) minus the resident size
@@ -25,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,11 +73,10 @@ class PeakMemory:
         self.mib = (peak - self.start) / 2 ** 20
 
 
-def synthetic_batch(trainer, generator):
+def synthetic_batch(trainer, generator, batch: int):
     import torch
     from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
     patch = [int(p) for p in trainer.configuration_manager.patch_size]
-    batch = trainer.configuration_manager.batch_size
     data = torch.randn(batch, trainer.num_input_channels, *patch, generator=generator)
     ignore = trainer.label_manager.ignore_label
     classes = len(trainer.label_manager.all_labels) - (ignore is not None)
@@ -87,7 +90,8 @@ def synthetic_batch(trainer, generator):
     return {"data": data, "target": target, "keys": [f"synthetic_{i}" for i in range(batch)]}
 
 
-def measure_steps(dataset: str, configuration: str, plans: str, trainer_name: str, steps: int, device: str) -> dict:
+def measure_steps(dataset: str, configuration: str, plans: str, trainer_name: str, steps: int, device: str,
+                  batch: int) -> dict:
     import torch
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -97,29 +101,52 @@ def measure_steps(dataset: str, configuration: str, plans: str, trainer_name: st
     trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, device=torch.device(device))
     trainer.initialize()
     trainer.network.train()
-    batch = synthetic_batch(trainer, torch.Generator().manual_seed(0))
+    batch = batch or int(trainer.configuration_manager.batch_size)
+    samples = synthetic_batch(trainer, torch.Generator().manual_seed(0), batch)
     times = []
     with PeakMemory(trainer.device) as memory:
         for _ in range(steps + 1):
             start = time.perf_counter()
-            trainer.train_step(batch)
+            trainer.train_step(samples)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times[1:]), "peak_mib": memory.mib,
             "patch": [int(p) for p in trainer.configuration_manager.patch_size],
-            "batch": int(trainer.configuration_manager.batch_size),
-            "attention": _attention_geometry(trainer) if trainer_name == METHOD else None}
+            "batch": batch}
 
 
-def _attention_geometry(trainer) -> dict:
+def attention_geometry(dataset: str, configuration: str, plans: str, batch: int) -> dict:
+    """Where the method's block sits in the planned network: its grid, channels and window spacing."""
+    import torch
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+    from nnunetv2.run.run_training import get_trainer_from_args
     from nnunet_weak.networks.encoder_stages import attached_blocks, cumulative_stage_strides, stage_channels
+    trainer_module.infer_dataset_class = lambda folder: None
+    trainer = get_trainer_from_args(dataset, configuration, 0, METHOD, plans, device=torch.device("cpu"))
+    trainer.initialize()
     (stage, _), = attached_blocks(trainer.network).items()
     stride = cumulative_stage_strides(trainer.network)[stage]
     grid = [p // s for p, s in zip(trainer.configuration_manager.patch_size, stride)]
     return {"grid": grid, "channels": stage_channels(trainer.network, stage), "classes": trainer.label_manager.num_segmentation_heads,
             "window_spacing": [float(s) * t for s, t in zip(trainer.configuration_manager.spacing, stride)],
-            "batch": int(trainer.configuration_manager.batch_size)}
+            "batch": batch or int(trainer.configuration_manager.batch_size),
+            "patch": [int(p) for p in trainer.configuration_manager.patch_size]}
+
+
+def measure_block(geometry: dict, device: str) -> dict:
+    """Forward and backward of the attention block alone on the grid of the planned patch."""
+    import torch
+    from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock
+    device = torch.device(device)
+    block = SpatialSelfAttentionBlock(geometry["channels"], len(geometry["grid"])).to(device).train()
+    features = torch.randn(geometry["batch"], geometry["channels"], *geometry["grid"],
+                           generator=torch.Generator().manual_seed(0)).to(device).requires_grad_(True)
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        block(features).sum().backward()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": memory.mib}
 
 
 def measure_loss(formulation: str, geometry: dict, device: str) -> dict:
@@ -145,20 +172,50 @@ def measure_loss(formulation: str, geometry: dict, device: str) -> dict:
 
 # ---- the parent: runs the children, prints the table -----------------------------------------------
 
-def child(*arguments) -> dict:
+def child(*arguments) -> dict | None:
+    """Runs one measurement in a fresh process; ``None`` if the system killed it (out of memory, as a rule)."""
     result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, encoding="utf-8",
                             errors="replace")
+    if result.returncode < 0:
+        print(f"measurement {arguments} was killed by signal {-result.returncode} (out of memory?)", file=sys.stderr)
+        return None
     if result.returncode != 0:
         raise SystemExit(f"measurement {arguments} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def naive_matrices_gib(geometry: dict) -> float:
-    """Memory of the naive formulation's N×N tensors kept for the backward pass (≈ 4 float32 per sample)."""
+def positions(geometry: dict) -> int:
     n = 1
     for g in geometry["grid"]:
         n *= g
-    return geometry["batch"] * n * n * 4 * 4 / 2 ** 30
+    return n
+
+
+def naive_loss_gib(geometry: dict) -> float:
+    """Memory of the naive loss's N×N tensors kept for the backward pass (≈ 4 float32 per sample)."""
+    return geometry["batch"] * positions(geometry) ** 2 * 4 * 4 / 2 ** 30
+
+
+def naive_attention_gib(geometry: dict) -> float:
+    """Memory of an unfused attention's N×N tensors kept for the backward pass (logits and soft-max, float32)."""
+    return geometry["batch"] * positions(geometry) ** 2 * 4 * 2 / 2 ** 30
+
+
+def _median_or_none(runs: list, key: str):
+    values = [r[key] for r in runs if r is not None]
+    return statistics.median(values) if len(values) == len(runs) else None
+
+
+def _number(value, digits: int, killed: str = "killed (out of memory)") -> str:
+    return killed if value is None else f"{value:.{digits}f}"
+
+
+def _size(gib: float) -> str:
+    return f"~{gib:.1f} GiB" if gib >= 1 else f"~{gib * 1024:.0f} MiB"
+
+
+def _ratio(numerator, denominator) -> str:
+    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
 
 def main() -> int:
@@ -168,6 +225,9 @@ def main() -> int:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per run, after one warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per trainer (median taken)")
+    parser.add_argument("--batch_size", type=int, default=0,
+                        help="batch size of the synthetic batches (default: the plans'); for a machine that cannot "
+                             "hold the planned batch")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--naive_limit_gib", type=float, default=8.0,
                         help="skip the naive N×N loss above this estimated size (default: 8)")
@@ -180,32 +240,36 @@ def main() -> int:
     results: dict = {}
     for configuration, _, trainer in tqdm(jobs, desc="training-step runs"):
         results.setdefault((configuration, trainer), []).append(
-            child("steps", args.d, configuration, args.p, trainer, str(args.steps), args.device))
-    for configuration in args.c:
+            child("steps", args.d, configuration, args.p, trainer, str(args.steps), args.device, str(args.batch_size)))
+    for configuration in tqdm(args.c, desc="block and loss alone"):
+        geometry = child("geometry", args.d, configuration, args.p, str(args.batch_size))
         base, method = results[(configuration, BASELINE)], results[(configuration, METHOD)]
-        base_s, method_s = (statistics.median(r["seconds"] for r in runs) for runs in (base, method))
-        base_m, method_m = (statistics.median(r["peak_mib"] for r in runs) for runs in (base, method))
-        geometry = method[0]["attention"]
-        tiles = child("loss", "tiles", json.dumps(geometry), args.device)
-        estimate = naive_matrices_gib(geometry)
-        naive = (child("loss", "naive", json.dumps(geometry), args.device) if estimate <= args.naive_limit_gib
-                 else None)
-        rows.append({"configuration": configuration, "patch": "x".join(map(str, method[0]["patch"])),
-                     "batch": method[0]["batch"], "grid": "x".join(map(str, geometry["grid"])),
-                     "base_s": base_s, "method_s": method_s, "base_m": base_m, "method_m": method_m,
-                     "tiles_m": tiles["peak_mib"], "naive": naive, "estimate": estimate})
+        estimate = naive_loss_gib(geometry)
+        rows.append({"configuration": configuration, "patch": "x".join(map(str, geometry["patch"])),
+                     "batch": geometry["batch"], "grid": "x".join(map(str, geometry["grid"])),
+                     "base_s": _median_or_none(base, "seconds"), "method_s": _median_or_none(method, "seconds"),
+                     "base_m": _median_or_none(base, "peak_mib"), "method_m": _median_or_none(method, "peak_mib"),
+                     "block": child("block", json.dumps(geometry), args.device),
+                     "naive_attention": naive_attention_gib(geometry),
+                     "tiles": child("loss", "tiles", json.dumps(geometry), args.device),
+                     "naive": (child("loss", "naive", json.dumps(geometry), args.device)
+                               if estimate <= args.naive_limit_gib else None), "estimate": estimate})
     lines = [f"Dataset {args.d}, plans {args.p}, device {args.device}; median of {args.rounds} runs x {args.steps} "
-             f"steps (after a warm-up step), synthetic batches of the planned patch and batch size.", "",
+             f"steps (after a warm-up step), synthetic batches of the planned patch size.", "",
              "| configuration | patch x batch | attention grid | s/iter nnUNetTrainer | s/iter ScribbleAttention | "
-             "time ratio | peak MiB nnUNetTrainer | peak MiB ScribbleAttention | memory ratio | L_att peak MiB "
-             "(ours) | L_att peak MiB (naive N×N) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time ratio | peak MiB nnUNetTrainer | peak MiB ScribbleAttention | memory ratio | block alone: peak MiB "
+             "(fused) | block: N×N attention (unfused) | L_att peak MiB (ours) | L_att peak MiB (naive N×N) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        naive = (f"{r['naive']['peak_mib']:.0f}" if r["naive"] is not None
-                 else f"not run (its N×N matrices alone: ~{r['estimate']:.0f} GiB)")
-        lines.append(f"| {r['configuration']} | {r['patch']} x {r['batch']} | {r['grid']} | {r['base_s']:.2f} | "
-                     f"{r['method_s']:.2f} | {r['method_s'] / r['base_s']:.2f} | {r['base_m']:.0f} | {r['method_m']:.0f} | "
-                     f"{r['method_m'] / r['base_m']:.2f} | {r['tiles_m']:.0f} | {naive} |")
+        if r["naive"] is not None:
+            naive = _number(r["naive"]["peak_mib"], 0)
+        else:
+            naive = f"not run (its N×N matrices alone: {_size(r['estimate'])})"
+        block, tiles = r["block"] and r["block"]["peak_mib"], r["tiles"] and r["tiles"]["peak_mib"]
+        lines.append(f"| {r['configuration']} | {r['patch']} x {r['batch']} | {r['grid']} | {_number(r['base_s'], 2)} | "
+                     f"{_number(r['method_s'], 2)} | {_ratio(r['method_s'], r['base_s'])} | {_number(r['base_m'], 0)} | "
+                     f"{_number(r['method_m'], 0)} | {_ratio(r['method_m'], r['base_m'])} | {_number(block, 0)} | "
+                     f"{_size(r['naive_attention'])} | {_number(tiles, 0)} | {naive} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.o:
@@ -214,13 +278,20 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("steps", "loss"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("steps", "geometry", "block", "loss"):
+        # nnU-Net writes a training log wherever a trainer is made: keep the user's results folder clean
+        os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="scribble_attention_cost_")
         import torch
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        if sys.argv[1] == "steps":
-            print(json.dumps(measure_steps(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]),
-                                           sys.argv[7])))
+        command, arguments = sys.argv[1], sys.argv[2:]
+        if command == "steps":
+            result = measure_steps(*arguments[:4], int(arguments[4]), arguments[5], int(arguments[6]))
+        elif command == "geometry":
+            result = attention_geometry(*arguments[:3], int(arguments[3]))
+        elif command == "block":
+            result = measure_block(json.loads(arguments[0]), arguments[1])
         else:
-            print(json.dumps(measure_loss(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])))
+            result = measure_loss(arguments[0], json.loads(arguments[1]), arguments[2])
+        print(json.dumps(result))
         sys.exit(0)
     sys.exit(main())
