@@ -175,13 +175,15 @@ def test_attentive_similarity_matches_explicit_loops_and_dense_path(grid, spacin
     assert dense.item() == pytest.approx(slow.item(), rel=1e-10)
 
 
-def test_attentive_similarity_tiles_equal_dense_on_larger_grid_with_gradients():
+@pytest.mark.parametrize("max_elements, tiles", [(5000, "several"), (1 << 20, "one")],
+                         ids=["tiles", "whole-grid-explicit-backward"])
+def test_attentive_similarity_paths_equal_dense_on_larger_grid_with_gradients(max_elements, tiles):
     probabilities, queries, keys, w, b = random_attention_inputs((12, 10), seed=3, channels=8)
     window = LocalWindow.gaussian(5, 6.0, (1.0, 1.0))
-    assert len(window_tiles(window, (12, 10), 2, 5000)) > 1
+    assert (len(window_tiles(window, (12, 10), 1, max_elements)) > 1) == (tiles == "several")
     inputs = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
     twins = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
-    fast = attentive_similarity_loss(*inputs, window, max_elements=5000)
+    fast = attentive_similarity_loss(*inputs, window, max_elements=max_elements)
     dense = dense_attentive_similarity_loss(*twins, window)
     fast.backward()
     dense.backward()

@@ -13,13 +13,17 @@ attention grid and ``G`` a Gaussian window (radius 5, σ 6, zero diagonal). Grad
 Because of ``G`` only the pairs inside the window matter, plus each row's softmax normaliser
 ``log Z_i = logsumexp_j(q_i · k_j)``. :func:`attentive_similarity_loss` computes ``log Z`` in row
 chunks (checkpointed) and the pair terms a tile of positions at a time
-(``nnunet_weak.losses.local_window``): memory linear in ``N``. Below a memory budget (small 2D grids)
-it uses the dense formulation, which is then both bounded and faster. :func:`dense_attentive_similarity_loss`
-materialises the ``N × N`` matrices as the authors' code does; it is the reference the efficient
-path is tested against, and the baseline of the memory benchmark.
+(``nnunet_weak.losses.local_window``): memory linear in ``N``. Where one sample's ``N × N`` matrix
+fits the memory budget (2D grids of up to a few thousand positions) it takes the whole grid of one
+sample at a time instead, with the backward pass written out (:class:`_WholeGridAttentiveEnergy`):
+a few ``N × N`` matrices of one sample in flight, nothing kept between the passes, and no gathers.
+:func:`dense_attentive_similarity_loss` materialises the ``N × N`` matrices of the whole batch and
+leaves the gradients to autograd, as the authors' code does; it is the reference the efficient paths
+are tested against, and the baseline of the memory benchmark.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -90,24 +94,79 @@ def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor
         queries, keys: ``(B, C, *grid)`` attention projections of the block (``A_raw = Q Kᵀ``).
         affinity_weight, affinity_bias: the scalars ``w, b`` of Eq. 4.
         window: the Gaussian window ``G`` on the attention grid.
-        max_elements: bound on the elements of one ``B × tile × band`` block. When the whole
-            ``B × N × N`` matrix fits in it (small 2D grids), the dense formulation is used: it is
-            the cheapest and its memory is bounded by the same number.
+        max_elements: bound on the elements of one ``B × tile × band`` block. When one sample's
+            ``N × N`` matrix fits in it (2D grids), the whole grid is taken one sample at a time
+            (:class:`_WholeGridAttentiveEnergy`): cheaper, and its memory is a few such matrices.
 
     Returns:
         the scalar loss, a mean over positions and batch (``/(N·B)``).
     """
     _check_inputs(probabilities, queries, keys, window)
     batch, _, *grid = queries.shape
-    if len(window_tiles(window, tuple(grid), batch, max_elements)) == 1:
-        return dense_attentive_similarity_loss(probabilities, queries, keys, affinity_weight, affinity_bias, window)
     queries, keys = at_least_single_precision(queries), at_least_single_precision(keys)
     y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid))
+    if len(window_tiles(window, tuple(grid), 1, max_elements)) == 1:
+        flat = [t.flatten(2).transpose(1, 2) for t in (y, queries, keys)]
+        gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
+        total = _WholeGridAttentiveEnergy.apply(*flat, affinity_weight, affinity_bias, gaussian)
+        return total / (flat[0].shape[1] * batch)
     log_z = attention_log_normaliser(queries, keys).flatten(1)
     flat = [t.flatten(2).transpose(1, 2) for t in (queries, keys, y)]
     total = sum_over_tiles(_attentive_tile_energy, window, tuple(grid),
                            (*flat[:2], log_z, flat[2], affinity_weight, affinity_bias), max_elements)
     return total / (log_z.shape[1] * batch)
+
+
+class _WholeGridAttentiveEnergy(torch.autograd.Function):
+    """``E = Σ_b Σ_ij K_ij G_ij (1 - ⟨y_i, y_j⟩)`` over whole grids, one sample at a time, backward written out.
+
+    Inputs: ``y`` ``(B, N, L)``, ``q``, ``k`` ``(B, N, C)``, scalars ``w``, ``b``, ``G`` ``(N, N)``.
+    With ``M = G ⊙ (1 - y yᵀ)``, ``S = A + Aᵀ`` and ``E' = M ⊙ K ⊙ (1 - K)`` (symmetric, as ``G``, ``M``
+    and ``K`` are): ``∂E/∂w = Σ E' ⊙ S``, ``∂E/∂b = Σ E'``, ``∂E/∂A = 2w E'``, through the row soft-max
+    ``∂E/∂(qkᵀ) = A ⊙ (∂E/∂A - rowsum(A ⊙ ∂E/∂A))``, and ``∂E/∂y = -2 (K ⊙ G) y``. Autograd would keep a
+    dozen ``B × N × N`` intermediates; here the backward pass recomputes one sample's matrices.
+    """
+
+    @staticmethod
+    def _sample_matrices(q, k, w, b):
+        """One sample's ``A``, ``S = A + Aᵀ`` and ``K = sigmoid(w·S + b)``, each ``(N, N)``."""
+        attention = torch.softmax(q @ k.transpose(0, 1), dim=-1)
+        symmetric = attention + attention.transpose(0, 1)
+        return attention, symmetric, torch.sigmoid_(symmetric * w + b)
+
+    @staticmethod
+    def _dissimilarity(y):
+        return torch.mm(y, y.transpose(0, 1)).neg_().add_(1)
+
+    @staticmethod
+    def forward(ctx, y, q, k, w, b, gaussian):
+        ctx.save_for_backward(y, q, k, w, b, gaussian)
+        total = y.new_zeros(())
+        for s in range(y.shape[0]):
+            affinity = _WholeGridAttentiveEnergy._sample_matrices(q[s], k[s], w, b)[2]
+            total += affinity.mul_(gaussian).mul_(_WholeGridAttentiveEnergy._dissimilarity(y[s])).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        y, q, k, w, b, gaussian = ctx.saved_tensors
+        grad_y, grad_q, grad_k = torch.zeros_like(y), torch.zeros_like(q), torch.zeros_like(k)
+        grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
+        # in place where a matrix is no longer needed: fresh N×N buffers are what costs time on the CPU
+        for s in range(y.shape[0]):
+            attention, symmetric, affinity = _WholeGridAttentiveEnergy._sample_matrices(q[s], k[s], w, b)
+            gated = affinity * gaussian
+            grad_y[s] = gated @ y[s]
+            grad_z = affinity.neg_().add_(1).mul_(gated).mul_(_WholeGridAttentiveEnergy._dissimilarity(y[s]))
+            grad_w += grad_z.flatten() @ symmetric.flatten()
+            grad_b += grad_z.sum()
+            grad_attention = grad_z.mul_(2 * w)
+            row_sums = torch.mul(grad_attention, attention, out=symmetric).sum(-1, keepdim=True)
+            grad_logits = grad_attention.sub_(row_sums).mul_(attention)
+            grad_q[s] = grad_logits @ k[s]
+            grad_k[s] = grad_logits.transpose(0, 1) @ q[s]
+        return (grad_y * (-2 * grad_output), grad_q * grad_output, grad_k * grad_output, grad_w * grad_output,
+                grad_b * grad_output, None)
 
 
 def dense_attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
@@ -122,7 +181,7 @@ def dense_attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.
     y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid)).flatten(2).transpose(1, 2)
     affinity = attentive_affinity_matrix(queries, keys, affinity_weight, affinity_bias)
     dissimilarity = 1 - y @ y.transpose(1, 2)
-    gaussian = window_matrix(window, tuple(grid), device=y.device).to(y.dtype)
+    gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
     return (affinity * gaussian * dissimilarity).sum() / (y.shape[1] * batch)
 
 
@@ -135,7 +194,11 @@ def attentive_affinity_matrix(queries: torch.Tensor, keys: torch.Tensor, affinit
     return torch.sigmoid(affinity_weight * (attention + attention.transpose(1, 2)) + affinity_bias)
 
 
-def window_matrix(window: LocalWindow, grid: tuple[int, ...], device=None) -> torch.Tensor:
-    """The ``N × N`` matrix ``G`` of a window on a grid (zero diagonal, zero outside the window)."""
+@functools.lru_cache(maxsize=4)
+def window_matrix(window: LocalWindow, grid: tuple[int, ...], device=None, dtype=torch.float64) -> torch.Tensor:
+    """The ``N × N`` matrix ``G`` of a window on a grid (zero diagonal, zero outside the window).
+
+    Cached: every training step asks for the same one, and building it takes several ``N × N`` temporaries.
+    """
     (whole_grid,) = window_tiles(window, grid, batch=1, max_elements=math.inf, device=device, dtype=torch.float64)
-    return whole_grid.weights()
+    return whole_grid.weights().to(dtype)
