@@ -87,7 +87,7 @@ def _attentive_tile_energy(tile: WindowTile, queries, keys, log_normaliser, prob
 def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                               affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
                               window: LocalWindow, max_elements: float = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
-    """Eq. 5, memory linear in the number of attention positions.
+    """Eq. 5, with memory bounded by ``max_elements`` per block (linear in the number of positions on large grids).
 
     Args:
         probabilities: ``(B, L, *spatial)`` soft-max prediction (any resolution; area-resized to the grid).
