@@ -206,7 +206,11 @@ def test_attentive_similarity_gradcheck_and_resizing():
 def test_log_normaliser_and_affinity_symmetry():
     _, queries, keys, w, b = random_attention_inputs((5, 6), seed=7)
     logits = queries.flatten(2).transpose(1, 2) @ keys.flatten(2)
-    torch.testing.assert_close(attention_log_normaliser(queries, keys).flatten(1), torch.logsumexp(logits, -1))
+    for max_elements in (1 << 20, 100):  # one chunk of rows; chunks of one row
+        torch.testing.assert_close(attention_log_normaliser(queries, keys, max_elements).flatten(1),
+                                   torch.logsumexp(logits, -1))
+    small = [t[:1, :3, :2, :3].clone().requires_grad_(True) for t in (queries, keys)]
+    assert torch.autograd.gradcheck(lambda q, k: attention_log_normaliser(q, k, 10), small)
     affinity = attentive_affinity_matrix(queries, keys, w, b)
     torch.testing.assert_close(affinity, affinity.transpose(1, 2))
     assert not torch.allclose(torch.softmax(logits, -1), torch.softmax(logits, -1).transpose(1, 2))

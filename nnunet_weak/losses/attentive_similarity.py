@@ -12,8 +12,10 @@ attention grid and ``G`` a Gaussian window (radius 5, σ 6, zero diagonal). Grad
 
 Because of ``G`` only the pairs inside the window matter, plus each row's softmax normaliser
 ``log Z_i = logsumexp_j(q_i · k_j)``. :func:`attentive_similarity_loss` computes ``log Z`` in row
-chunks (checkpointed) and the pair terms a tile of positions at a time
-(``nnunet_weak.losses.local_window``): memory linear in ``N``. Where one sample's ``N × N`` matrix
+chunks and the pair terms a tile of positions at a time (``nnunet_weak.losses.local_window``), both
+with their backward passes written out, recomputing one chunk or tile at a time: memory linear in
+``N``. (``torch.utils.checkpoint`` per chunk is not: measured on torch 2.15 CPU, every checkpointed
+chunk left memory behind, and a 3D ACDC grid of 35,840 positions ran out of 24 GiB.) Where one sample's ``N × N`` matrix
 fits the memory budget (2D grids of up to a few thousand positions) it takes the whole grid of one
 sample at a time instead, with the backward pass written out (:class:`_WholeGridAttentiveEnergy`):
 a few ``N × N`` matrices of one sample in flight, nothing kept between the passes, and no gathers.
@@ -28,10 +30,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from nnunet_weak.losses.local_window import (DEFAULT_TILE_ELEMENTS, LocalWindow, WindowTile,
-                                             at_least_single_precision, sum_over_tiles, window_tiles)
+                                             at_least_single_precision, window_tiles)
 
 
 def _check_inputs(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, window: LocalWindow):
@@ -51,37 +52,104 @@ def resize_to_grid(probabilities: torch.Tensor, grid: tuple[int, ...]) -> torch.
     return F.interpolate(probabilities, size=grid, mode="area")
 
 
-def _row_log_normaliser(query_rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(query_rows @ keys.transpose(1, 2), dim=-1)
+class _AttentionLogNormaliser(torch.autograd.Function):
+    """``log Z_i = logsumexp_j(q_i · k_j)`` a chunk of rows at a time, backward written out.
+
+    Inputs ``q``, ``k`` ``(B, N, C)``; output ``(B, N)``. With ``A_ij = exp(q_i · k_j - log Z_i)``:
+    ``∂log Z_i/∂q_i = Σ_j A_ij k_j`` and ``∂log Z_i/∂k_j = A_ij q_i``; the backward pass recomputes
+    ``A`` one chunk of rows at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, rows):
+        log_z = torch.cat([torch.logsumexp(q[:, start:start + rows] @ k.transpose(1, 2), dim=-1)
+                           for start in range(0, q.shape[1], rows)], dim=1)
+        ctx.save_for_backward(q, k, log_z)
+        ctx.rows = rows
+        return log_z
+
+    @staticmethod
+    def backward(ctx, grad_log_z):
+        q, k, log_z = ctx.saved_tensors
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        for start in range(0, q.shape[1], ctx.rows):
+            rows = slice(start, start + ctx.rows)
+            weighted = (q[:, rows] @ k.transpose(1, 2)).sub_(log_z[:, rows, None]).exp_().mul_(grad_log_z[:, rows, None])
+            grad_q[:, rows] = weighted @ k
+            grad_k += weighted.transpose(1, 2) @ q[:, rows]
+        return grad_q, grad_k, None
 
 
-def attention_log_normaliser(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def attention_log_normaliser(queries: torch.Tensor, keys: torch.Tensor,
+                             max_elements: float = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
     """``log Z_i = logsumexp_j(q_i · k_j)`` for every position, without the ``N×N`` matrix.
 
-    Shapes: queries, keys ``(B, C, *grid)`` → ``(B, *grid)``.
+    Shapes: queries, keys ``(B, C, *grid)`` → ``(B, *grid)``. ``max_elements`` bounds one chunk's
+    ``B × rows × N`` logits.
     """
     batch, _, *grid = queries.shape
     q = queries.flatten(2).transpose(1, 2)
     k = keys.flatten(2).transpose(1, 2)
-    n = q.shape[1]
-    # the same bound on one chunk's (batch × rows × N) logits as on one tile's block
-    rows = max(1, DEFAULT_TILE_ELEMENTS // max(1, batch * n))
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    chunks = []
-    for start in range(0, n, rows):
-        q_rows = q[:, start:start + rows]
-        chunks.append(checkpoint(_row_log_normaliser, q_rows, k, use_reentrant=False) if needs_grad
-                      else _row_log_normaliser(q_rows, k))
-    return torch.cat(chunks, dim=1).reshape(batch, *grid)
+    rows = max(1, int(max_elements // max(1, batch * q.shape[1])))
+    return _AttentionLogNormaliser.apply(q, k, rows).reshape(batch, *grid)
 
 
-def _attentive_tile_energy(tile: WindowTile, queries, keys, log_normaliser, probabilities, affinity_weight,
-                           affinity_bias):
-    attention_ij = torch.exp(tile.pair_products(queries, keys) - tile.own_values(log_normaliser))
-    attention_ji = torch.exp(tile.pair_products(keys, queries) - tile.band_values(log_normaliser))
-    affinity = torch.sigmoid(affinity_weight * (attention_ij + attention_ji) + affinity_bias)
-    dissimilarity = 1 - tile.pair_products(probabilities, probabilities)
-    return (affinity * tile.weights() * dissimilarity).sum()
+class _TiledAttentiveEnergy(torch.autograd.Function):
+    """``E = Σ_b Σ_(i,j in window) K_ij G_ij (1 - ⟨y_i, y_j⟩)`` a tile at a time, backward written out.
+
+    Inputs: ``q``, ``k`` ``(B, N, C)``, ``log Z`` ``(B, N)``, ``y`` ``(B, N, L)``, scalars ``w``, ``b``,
+    the tiles. For ``i`` in a tile and ``j`` in its band, ``A_ij = exp(q_i·k_j - log Z_i)`` and
+    ``A_ji = exp(q_j·k_i - log Z_j)``. With ``E'_ij = G_ij (1 - ⟨y_i, y_j⟩) K_ij (1 - K_ij)`` and
+    ``H = w E'``: ``∂E/∂w = Σ E' (A_ij + A_ji)``, ``∂E/∂b = Σ E'``; ``H ⊙ A_ij`` is the gradient of the
+    logit ``q_i·k_j`` (and ``-Σ_j`` of it that of ``log Z_i``), ``H ⊙ A_ji`` that of ``q_j·k_i`` (and of
+    ``log Z_j``); ``∂E/∂y_i = -Σ_j K_ij G_ij y_j``, ``∂E/∂y_j = -Σ_i K_ij G_ij y_i``. Each tile's
+    ``B × tile × band`` blocks are recomputed in the backward pass; nothing is kept per tile.
+    """
+
+    @staticmethod
+    def _tile_matrices(tile: WindowTile, q, k, log_z, y, w, b):
+        attention_ij = torch.exp(tile.pair_products(q, k) - tile.own_values(log_z))
+        attention_ji = torch.exp(tile.pair_products(k, q) - tile.band_values(log_z))
+        symmetric = attention_ij + attention_ji
+        affinity = torch.sigmoid(w * symmetric + b)
+        gated = affinity * tile.weights()
+        dissimilarity = 1 - tile.pair_products(y, y)
+        return attention_ij, attention_ji, symmetric, affinity, gated, dissimilarity
+
+    @staticmethod
+    def forward(ctx, q, k, log_z, y, w, b, tiles):
+        ctx.save_for_backward(q, k, log_z, y, w, b)
+        ctx.tiles = tiles
+        total = q.new_zeros(())
+        for tile in tiles:
+            *_, gated, dissimilarity = _TiledAttentiveEnergy._tile_matrices(tile, q, k, log_z, y, w, b)
+            total += (gated * dissimilarity).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q, k, log_z, y, w, b = ctx.saved_tensors
+        grad_q, grad_k, grad_log_z, grad_y = (torch.zeros_like(t) for t in (q, k, log_z, y))
+        grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
+        for tile in ctx.tiles:
+            attention_ij, attention_ji, symmetric, affinity, gated, dissimilarity = \
+                _TiledAttentiveEnergy._tile_matrices(tile, q, k, log_z, y, w, b)
+            own, band = tile.positions, tile.band
+            grad_z = (1 - affinity).mul_(gated).mul_(dissimilarity)
+            grad_w += (grad_z * symmetric).sum()
+            grad_b += grad_z.sum()
+            grad_ij = grad_z * w * attention_ij  # of the logit q_i·k_j
+            grad_ji = grad_z.mul_(w).mul_(attention_ji)  # of the logit q_j·k_i
+            grad_q.index_add_(1, own, grad_ij @ k[:, band])
+            grad_k.index_add_(1, band, grad_ij.transpose(1, 2) @ q[:, own])
+            grad_k.index_add_(1, own, grad_ji @ q[:, band])
+            grad_q.index_add_(1, band, grad_ji.transpose(1, 2) @ k[:, own])
+            grad_log_z.index_add_(1, own, -grad_ij.sum(2))
+            grad_log_z.index_add_(1, band, -grad_ji.sum(1))
+            grad_y.index_add_(1, own, -(gated @ y[:, band]))
+            grad_y.index_add_(1, band, -(gated.transpose(1, 2) @ y[:, own]))
+        return (grad_q * grad_output, grad_k * grad_output, grad_log_z * grad_output, grad_y * grad_output,
+                grad_w * grad_output, grad_b * grad_output, None)
 
 
 def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
@@ -110,10 +178,10 @@ def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor
         gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
         total = _WholeGridAttentiveEnergy.apply(*flat, affinity_weight, affinity_bias, gaussian)
         return total / (flat[0].shape[1] * batch)
-    log_z = attention_log_normaliser(queries, keys).flatten(1)
+    log_z = attention_log_normaliser(queries, keys, max_elements).flatten(1)
     flat = [t.flatten(2).transpose(1, 2) for t in (queries, keys, y)]
-    total = sum_over_tiles(_attentive_tile_energy, window, tuple(grid),
-                           (*flat[:2], log_z, flat[2], affinity_weight, affinity_bias), max_elements)
+    tiles = window_tiles(window, tuple(grid), batch, max_elements, y.device, y.dtype)
+    total = _TiledAttentiveEnergy.apply(*flat[:2], log_z, flat[2], affinity_weight, affinity_bias, tiles)
     return total / (log_z.shape[1] * batch)
 
 

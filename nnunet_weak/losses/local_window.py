@@ -8,11 +8,11 @@ that memory stays linear in ``N`` whatever the window:
 - one window offset ``d`` at a time, pairing ``i`` with ``i + d`` through two slices of the same
   tensor (:func:`pair_slices`, views). Cheap when the pair energy involves few channels (the CRF: a
   handful of classes and image channels).
-- :func:`sum_over_tiles` cuts the grid into tiles; the partners of a tile's positions lie in the tile
+- :func:`window_tiles` cuts the grid into tiles; the partners of a tile's positions lie in the tile
   dilated by the window (its *band*), so inner products over many channels (the attention's
   ``q_i · k_j``, 128 or more channels) come from one ``(tile × band)`` matrix product, the fast path of
-  every BLAS, weighted by ``G``. Each tile is checkpointed: memory is one tile's ``B × tile × band``
-  block (``max_elements``).
+  every BLAS, weighted by ``G`` (:meth:`WindowTile.weights`). A loss that sums over tiles recomputes
+  each tile in its backward pass, so memory is one tile's ``B × tile × band`` block (``max_elements``).
 
 Anisotropic spacing: the radius and the Gaussian's sigma are in voxels of the finest axis; along a
 coarser axis the radius shrinks (``floor(radius · s_min / s_axis)``) and distances are measured in
@@ -24,10 +24,9 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 #: bound on the elements of one tile's (batch × tile × band) inner-product block
 DEFAULT_TILE_ELEMENTS = 1 << 23
@@ -191,25 +190,3 @@ def window_tiles(window: LocalWindow, grid: tuple[int, ...], batch: int, max_ele
 def at_least_single_precision(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in float32, or float64 if it already is (pairwise sums in half precision lose too much)."""
     return tensor if tensor.dtype == torch.float64 else tensor.float()
-
-
-def sum_over_tiles(tile_energy: Callable[..., torch.Tensor], window: LocalWindow, grid: tuple[int, ...],
-                   tensors: Sequence, max_elements: int = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
-    """``Σ_tiles tile_energy(tile, *tensors)``, each tile checkpointed.
-
-    For energies built from inner products of many channels: ``tile_energy(tile, *tensors)`` computes
-    them as ``(tile × band)`` matrix products (:meth:`WindowTile.pair_products`) and returns the scalar
-    energy of the ordered pairs ``(i, j)`` with ``i`` in the tile, weighted by ``tile.weights()``. The
-    tensors (flattened to ``(B, N, ...)`` by the caller; plain numbers may be among them as constants)
-    are passed whole and indexed inside.
-    """
-    reference = tensors[0]
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-    total = reference.new_zeros(())
-    for tile in window_tiles(window, tuple(grid), int(reference.shape[0]), max_elements, reference.device,
-                             reference.dtype):
-        if needs_grad:
-            total = total + checkpoint(tile_energy, tile, *tensors, use_reentrant=False)
-        else:
-            total = total + tile_energy(tile, *tensors)
-    return total
