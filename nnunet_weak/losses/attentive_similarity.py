@@ -14,9 +14,9 @@ Because of ``G`` only the pairs inside the window matter, plus each row's softma
 ``log Z_i = logsumexp_j(q_i · k_j)``. :func:`attentive_similarity_loss` computes ``log Z`` in row
 chunks and the pair terms a tile of positions at a time (``nnunet_weak.losses.local_window``), both
 with their backward passes written out, recomputing one chunk or tile at a time: memory linear in
-``N``. (``torch.utils.checkpoint`` per chunk is not: measured on torch 2.15 CPU, every checkpointed
-chunk left memory behind, and a 3D ACDC grid of 35,840 positions ran out of 24 GiB.) Where one sample's ``N × N`` matrix
-fits the memory budget (2D grids of up to a few thousand positions) it takes the whole grid of one
+``N``. (``torch.utils.checkpoint`` per chunk was not: on torch 2.15 CPU the resident memory grew with
+every checkpointed chunk, and a 3D ACDC grid of 35,840 positions ran out of 24 GiB.) Where one
+sample's ``N × N`` matrix fits the memory budget (2D grids of up to a few thousand positions) it takes the whole grid of one
 sample at a time instead, with the backward pass written out (:class:`_WholeGridAttentiveEnergy`):
 a few ``N × N`` matrices of one sample in flight, nothing kept between the passes, and no gathers.
 :func:`dense_attentive_similarity_loss` materialises the ``N × N`` matrices of the whole batch and
