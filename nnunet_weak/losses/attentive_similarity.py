@@ -152,39 +152,6 @@ class _TiledAttentiveEnergy(torch.autograd.Function):
                 grad_w * grad_output, grad_b * grad_output, None)
 
 
-def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-                              affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
-                              window: LocalWindow, max_elements: float = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
-    """Eq. 5, with memory bounded by ``max_elements`` per block (linear in the number of positions on large grids).
-
-    Args:
-        probabilities: ``(B, L, *spatial)`` soft-max prediction (any resolution; area-resized to the grid).
-        queries, keys: ``(B, C, *grid)`` attention projections of the block (``A_raw = Q Kᵀ``).
-        affinity_weight, affinity_bias: the scalars ``w, b`` of Eq. 4.
-        window: the Gaussian window ``G`` on the attention grid.
-        max_elements: bound on the elements of one ``B × tile × band`` block. When one sample's
-            ``N × N`` matrix fits in it (2D grids), the whole grid is taken one sample at a time
-            (:class:`_WholeGridAttentiveEnergy`): cheaper, and its memory is a few such matrices.
-
-    Returns:
-        the scalar loss, a mean over positions and batch (``/(N·B)``).
-    """
-    _check_inputs(probabilities, queries, keys, window)
-    batch, _, *grid = queries.shape
-    queries, keys = at_least_single_precision(queries), at_least_single_precision(keys)
-    y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid))
-    if len(window_tiles(window, tuple(grid), 1, max_elements)) == 1:
-        flat = [t.flatten(2).transpose(1, 2) for t in (y, queries, keys)]
-        gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
-        total = _WholeGridAttentiveEnergy.apply(*flat, affinity_weight, affinity_bias, gaussian)
-        return total / (flat[0].shape[1] * batch)
-    log_z = attention_log_normaliser(queries, keys, max_elements).flatten(1)
-    flat = [t.flatten(2).transpose(1, 2) for t in (queries, keys, y)]
-    tiles = window_tiles(window, tuple(grid), batch, max_elements, y.device, y.dtype)
-    total = _TiledAttentiveEnergy.apply(*flat[:2], log_z, flat[2], affinity_weight, affinity_bias, tiles)
-    return total / (log_z.shape[1] * batch)
-
-
 class _WholeGridAttentiveEnergy(torch.autograd.Function):
     """``E = Σ_b Σ_ij K_ij G_ij (1 - ⟨y_i, y_j⟩)`` over whole grids, one sample at a time, backward written out.
 
@@ -204,6 +171,7 @@ class _WholeGridAttentiveEnergy(torch.autograd.Function):
 
     @staticmethod
     def _dissimilarity(y):
+        """``1 - y yᵀ`` of one sample, ``(N, L)`` → ``(N, N)``."""
         return torch.mm(y, y.transpose(0, 1)).neg_().add_(1)
 
     @staticmethod
@@ -235,6 +203,39 @@ class _WholeGridAttentiveEnergy(torch.autograd.Function):
             grad_k[s] = grad_logits.transpose(0, 1) @ q[s]
         return (grad_y * (-2 * grad_output), grad_q * grad_output, grad_k * grad_output, grad_w * grad_output,
                 grad_b * grad_output, None)
+
+
+def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+                              affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
+                              window: LocalWindow, max_elements: float = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
+    """Eq. 5, with memory bounded by ``max_elements`` per block (linear in the number of positions on large grids).
+
+    Args:
+        probabilities: ``(B, L, *spatial)`` soft-max prediction (any resolution; area-resized to the grid).
+        queries, keys: ``(B, C, *grid)`` attention projections of the block (``A_raw = Q Kᵀ``).
+        affinity_weight, affinity_bias: the scalars ``w, b`` of Eq. 4.
+        window: the Gaussian window ``G`` on the attention grid.
+        max_elements: bound on the elements of one ``B × tile × band`` block. When one sample's
+            ``N × N`` matrix fits in it (2D grids), the whole grid is taken one sample at a time
+            (:class:`_WholeGridAttentiveEnergy`): cheaper, and its memory is a few such matrices.
+
+    Returns:
+        the scalar loss, a mean over positions and batch (``/(N·B)``).
+    """
+    _check_inputs(probabilities, queries, keys, window)
+    batch, _, *grid = queries.shape
+    queries, keys = at_least_single_precision(queries), at_least_single_precision(keys)
+    y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid))
+    if len(window_tiles(window, tuple(grid), 1, max_elements)) == 1:
+        flat = [t.flatten(2).transpose(1, 2) for t in (y, queries, keys)]
+        gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
+        total = _WholeGridAttentiveEnergy.apply(*flat, affinity_weight, affinity_bias, gaussian)
+        return total / (flat[0].shape[1] * batch)
+    log_z = attention_log_normaliser(queries, keys, max_elements).flatten(1)
+    flat = [t.flatten(2).transpose(1, 2) for t in (queries, keys, y)]
+    tiles = window_tiles(window, tuple(grid), batch, max_elements, y.device, y.dtype)
+    total = _TiledAttentiveEnergy.apply(*flat[:2], log_z, flat[2], affinity_weight, affinity_bias, tiles)
+    return total / (log_z.shape[1] * batch)
 
 
 def dense_attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
