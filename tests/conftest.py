@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 
@@ -61,3 +63,16 @@ def planned_phantom_twins(root: Path, dense_id: int, sparse_id: int, configurati
     run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", str(sparse_id), "-c", *configurations, "-np", "2",
                  "--plans_from", str(dense_id)], env)
     return folders, env
+
+
+def small_unet(kind, dims):
+    """A 4-stage nnU-Net network (PlainConvUNet or ResidualEncoderUNet), 2D or 3D, 3 classes, deep supervision."""
+    conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    norm = torch.nn.InstanceNorm2d if dims == 2 else torch.nn.InstanceNorm3d
+    strides = [1, 2, 2, 2] if dims == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    common = dict(input_channels=1, n_stages=4, features_per_stage=[4, 8, 16, 16], conv_op=conv, kernel_sizes=3,
+                  strides=strides, num_classes=3, norm_op=norm, norm_op_kwargs={"affine": True},
+                  nonlin=torch.nn.LeakyReLU, deep_supervision=True)
+    if kind == "plain":
+        return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **common)
+    return ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1, 1], n_conv_per_stage_decoder=1, **common)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
-from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.losses.attentive_similarity import (attention_log_normaliser, attentive_affinity_matrix,
@@ -20,6 +19,8 @@ from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBloc
 from nnunet_weak.training.options import parse_trainer_options
 from nnunet_weak.transforms.sparse_downsampling import (SparsePreservingDownsampleSegForDSTransform,
                                                         sparse_preserving_downsample)
+
+from conftest import small_unet
 
 
 def positions(shape):
@@ -248,18 +249,6 @@ def test_block_rejects_wrong_channels():
 
 # ---- attaching to the encoder ---------------------------------------------------------------------
 
-def small_unet(kind, dims):
-    conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
-    norm = torch.nn.InstanceNorm2d if dims == 2 else torch.nn.InstanceNorm3d
-    strides = [1, 2, 2, 2] if dims == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
-    common = dict(input_channels=1, n_stages=4, features_per_stage=[4, 8, 16, 16], conv_op=conv, kernel_sizes=3,
-                  strides=strides, num_classes=3, norm_op=norm, norm_op_kwargs={"affine": True},
-                  nonlin=torch.nn.LeakyReLU, deep_supervision=True)
-    if kind == "plain":
-        return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **common)
-    return ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1, 1], n_conv_per_stage_decoder=1, **common)
-
-
 @pytest.mark.parametrize("kind", ["plain", "residual"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_attached_block_replaces_stage_features(kind, dims):
@@ -351,3 +340,18 @@ def test_trainer_options_parse_and_reject_typos():
         parse_trainer_options("lambda_crf=abc", defaults, "T")
     with pytest.raises(UserInputError, match=">= 0"):
         parse_trainer_options("lambda_crf=-1", defaults, "T")
+
+
+def test_attentive_weight_ramps_up_over_the_given_fraction_of_the_epochs():
+    from types import SimpleNamespace
+
+    from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer
+
+    def weight(epoch, rampup):
+        state = SimpleNamespace(lambda_attentive=0.1, attentive_rampup=rampup, num_epochs=20, current_epoch=epoch)
+        return ScribbleAttentionTrainer.attentive_weight(state)
+
+    assert [weight(e, 0.0) for e in (0, 7, 19)] == [0.1, 0.1, 0.1]
+    assert weight(0, 0.5) == pytest.approx(0.1 * math.exp(-5))
+    assert weight(5, 0.5) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert weight(10, 0.5) == weight(19, 0.5) == pytest.approx(0.1)

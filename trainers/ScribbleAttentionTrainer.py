@@ -17,8 +17,10 @@ pipeline, 2D and 3D (``../shared/METHODS.md`` §1):
     ``K = sigmoid(w·(A + Aᵀ) + b)`` and the prediction resized to the attention grid, memory linear in
     the number of positions.
 
-Options (``NNUNET_WEAK_TRAINER_OPTIONS``): ``lambda_crf`` (0.1) and ``lambda_attentive`` (0.1). The
-window (radius 5, σ 6 voxels) and σ_I = 0.1 are the paper's. Not reproduced from the released code: a
+Options (``NNUNET_WEAK_TRAINER_OPTIONS``): ``lambda_crf`` (0.1), ``lambda_attentive`` (0.1) and
+``attentive_rampup`` (0), the fraction of the epochs over which ``λ_att`` ramps up from
+``exp(-5)·λ_att`` with ``nnunet_weak.training.schedules.sigmoid_rampup`` (0: the paper's constant
+weight). The window (radius 5, σ 6 voxels) and σ_I = 0.1 are the paper's. Not reproduced from the released code: a
 per-slice switch of ``L_att`` computed from the dense ground truth; nothing here reads a dense label.
 
 Ablations (same everything else): ``ScribbleAttentionTrainer_noCRF`` (λ_crf = 0),
@@ -34,6 +36,7 @@ from nnunet_weak.losses.local_window import LocalWindow
 from nnunet_weak.networks.encoder_stages import (attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)
 from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock
+from nnunet_weak.training.schedules import sigmoid_rampup
 from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
 
 
@@ -50,7 +53,7 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
     window_radius = 5
     window_sigma = 6.0
     intensity_sigma = 0.1
-    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1}
+    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1, "attentive_rampup": 0.0}
     training_loss_components = ("partial_ce_dice", "gated_crf", "attentive_similarity")
 
     @classmethod
@@ -73,6 +76,9 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
         if self.label_manager.ignore_label is None:
             self.print_to_log_file("WARNING: this dataset has no ignore label, so every voxel is annotated and the "
                                    "gated CRF term is zero: ScribbleAttentionTrainer is meant for scribble datasets.")
+        if self.attentive_rampup > 1:
+            raise RuntimeError(f"attentive_rampup is the fraction of the epochs over which lambda_attentive ramps up, "
+                               f"between 0 and 1; got {self.attentive_rampup} in NNUNET_WEAK_TRAINER_OPTIONS.")
         spacing = [float(s) for s in self.configuration_manager.spacing]
         self.crf_window = LocalWindow.gaussian(self.window_radius, self.window_sigma, spacing)
         self.attention_block, self.attention_window = None, None
@@ -89,6 +95,18 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
                 self.attention_block.affinity_weight.requires_grad_(False)
                 self.attention_block.affinity_bias.requires_grad_(False)
 
+    def attentive_weight(self) -> float:
+        """``λ_att`` at the current epoch, ramped up over the first ``attentive_rampup`` of the epochs."""
+        return self.lambda_attentive * sigmoid_rampup(self.current_epoch, self.attentive_rampup * self.num_epochs)
+
+    def on_epoch_end(self):
+        if self.attention_block is not None and self.lambda_attentive > 0:
+            # L_att falls to zero when b runs to -inf (K -> 0 everywhere): the log shows whether it did
+            self.print_to_log_file(f"attentive similarity weight {self.attentive_weight():.4g}, affinity "
+                                   f"w {self.attention_block.affinity_weight.item():.4g} "
+                                   f"b {self.attention_block.affinity_bias.item():.4g}")
+        super().on_epoch_end()
+
     def compute_training_loss(self, data, target, output):
         logits = output[0] if isinstance(output, (list, tuple)) else output
         labels = target[0] if isinstance(target, list) else target
@@ -104,24 +122,24 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
             block = self.attention_block
             attentive = attentive_similarity_loss(probabilities, block.last_queries, block.last_keys,
                                                   block.affinity_weight, block.affinity_bias, self.attention_window)
-        total = partial_ce_dice + self.lambda_crf * gated_crf + self.lambda_attentive * attentive
+        total = partial_ce_dice + self.lambda_crf * gated_crf + self.attentive_weight() * attentive
         return total, {"partial_ce_dice": partial_ce_dice, "gated_crf": gated_crf, "attentive_similarity": attentive}
 
 
 class ScribbleAttentionTrainer_noCRF(ScribbleAttentionTrainer):
     """Ablation: without the masked gated CRF term."""
 
-    tunable_options = {"lambda_crf": 0.0, "lambda_attentive": 0.1}
+    tunable_options = {**ScribbleAttentionTrainer.tunable_options, "lambda_crf": 0.0}
 
 
 class ScribbleAttentionTrainer_noAttentiveLoss(ScribbleAttentionTrainer):
     """Ablation: the attention block is kept, the attentive similarity term is dropped."""
 
-    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.0}
+    tunable_options = {**ScribbleAttentionTrainer.tunable_options, "lambda_attentive": 0.0}
 
 
 class ScribbleAttentionTrainer_noAttentionBlock(ScribbleAttentionTrainer):
     """Ablation: nnU-Net's network without the attention block (so no attentive term): pCE + gated CRF."""
 
     use_attention_block = False
-    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.0}
+    tunable_options = {**ScribbleAttentionTrainer.tunable_options, "lambda_attentive": 0.0}

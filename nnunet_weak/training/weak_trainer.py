@@ -20,9 +20,15 @@
    Voxels outside the image (padding, augmentation borders) stay nnU-Net's annotated background
    unless a subclass sets ``outside_image_label = "ignore"``.
 
+5. **Training-only modules.** :meth:`nnUNetWeakTrainer.training_network` may wrap the planned network in a
+   ``TrainingNetwork`` (``nnunet_weak.networks.training_network``) that adds a method's second network,
+   teacher or heads; checkpoints keep the planned network's weights where ``nnUNetv2_predict`` reads
+   them and the rest beside them, and are written atomically.
+
 Method trainers subclass it and override :meth:`nnUNetWeakTrainer.compute_training_loss` (the loss of
 one training batch, with named components that are logged per epoch) and, where the method changes
-the network, ``build_network_architecture``.
+the network, ``build_network_architecture`` (what the predictor rebuilds) or ``training_network``
+(what only training uses).
 
 On a dataset without manifest and without ignore label it trains exactly as nnU-Net does.
 """
@@ -42,6 +48,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_weak.atomic import write_json_atomic
+from nnunet_weak.networks.encoder_stages import unwrap_network
+from nnunet_weak.networks.training_network import TRAINING_WEIGHTS_KEY, TrainingNetwork
 from nnunet_weak.budget import Budget, budget_from_environment, parse_budget
 from nnunet_weak.evaluation import score_cases
 from nnunet_weak.plots import plot_loss_components
@@ -69,6 +77,9 @@ class nnUNetWeakTrainer(nnUNetTrainer):
     #: hyper-parameters settable through NNUNET_WEAK_TRAINER_OPTIONS, with their defaults; each becomes
     #: an attribute of the trainer (see nnunet_weak.training.options)
     tunable_options: dict[str, float] = {}
+    #: whether cases marked unlabelled in the manifest stay in the training keys (semi-supervised
+    #: trainers); otherwise they are left out of training
+    trains_on_unlabelled_cases = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -105,10 +116,10 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         return None if self.raw_dataset is None else self.raw_dataset.manifest
 
     def do_split(self):
-        """nnU-Net's split, without unlabelled cases in the (supervised) training keys."""
+        """nnU-Net's split, without unlabelled cases in the training keys unless the trainer uses them."""
         tr_keys, val_keys = super().do_split()
         manifest = self.supervision_manifest
-        if manifest is None:
+        if manifest is None or self.trains_on_unlabelled_cases:
             return tr_keys, val_keys
         unlabelled = set(manifest.cases_with("unlabelled"))
         supervised = [k for k in tr_keys if k not in unlabelled]
@@ -122,13 +133,90 @@ class nnUNetWeakTrainer(nnUNetTrainer):
 
     # ---- training loss -------------------------------------------------------------------------
 
-    def compute_training_loss(self, data: torch.Tensor, target, output) -> tuple[torch.Tensor, dict]:
+    # ---- training-only modules and checkpoints ----------------------------------------------
+
+    def training_network(self, network: torch.nn.Module) -> torch.nn.Module:
+        """What trains in place of the planned ``network``: the network itself, or a ``TrainingNetwork``
+        around it that adds a method's training-only modules."""
+        return network
+
+    def configure_optimizers(self):
+        # nnU-Net calls this after building self.network and before wrapping it in DDP: the one place
+        # where training-only modules can join it so that the optimiser, clipping and DDP cover them
+        self.network = self.training_network(self.network).to(self.device)
+        return super().configure_optimizers()
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        network = unwrap_network(self.network)
+        if isinstance(network, TrainingNetwork):
+            network.set_deep_supervision_enabled(enabled)
+        else:
+            super().set_deep_supervision_enabled(enabled)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (the planned network's weights as ``network_weights``, what the predictor
+        loads), plus the weights of training-only modules; written to a temporary name, then renamed."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        network = unwrap_network(self.network)
+        checkpoint = {
+            "network_weights": (network.inference_network if isinstance(network, TrainingNetwork)
+                                else network).state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        if isinstance(network, TrainingNetwork):
+            checkpoint[TRAINING_WEIGHTS_KEY] = network.training_state_dict()
+        temporary = Path(f"{filename}.partial")
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (a path or the loaded dictionary)."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = (filename_or_checkpoint if isinstance(filename_or_checkpoint, dict)
+                      else torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False))
+        network = unwrap_network(self.network)
+        inference_network = network.inference_network if isinstance(network, TrainingNetwork) else network
+        # checkpoints of nn.DataParallel-wrapped networks carry a 'module.' prefix
+        inference_network.load_state_dict({k[7:] if k.startswith("module.") else k: v
+                                           for k, v in checkpoint["network_weights"].items()})
+        if isinstance(network, TrainingNetwork):
+            if TRAINING_WEIGHTS_KEY not in checkpoint:
+                raise RuntimeError(f"This checkpoint has no training-only weights ({TRAINING_WEIGHTS_KEY}), which "
+                                   f"{self.__class__.__name__} needs to continue: it was written by another trainer.")
+            network.load_training_state_dict(checkpoint[TRAINING_WEIGHTS_KEY])
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+    # ---- training loss -------------------------------------------------------------------------
+
+    def compute_training_loss(self, data: torch.Tensor, target, output, **batch_extras) -> tuple[torch.Tensor, dict]:
         """The loss of one training batch and its named components (``training_loss_components``).
 
         Args:
             data: ``(B, C, *patch)`` network input.
             target: nnU-Net's targets, a list per deep-supervision scale when it is enabled.
             output: the network's output for ``data`` (a list per scale under deep supervision).
+            batch_extras: what the batch carries beyond nnU-Net's (``labelled``, a ``(B,)`` bool tensor,
+                for two-stream batches).
         """
         return self.loss(output, target), {}
 
@@ -141,7 +229,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
-            loss, components = self.compute_training_loss(data, target, output)
+            extras = {"labelled": batch["labelled"].to(self.device)} if "labelled" in batch else {}
+            loss, components = self.compute_training_loss(data, target, output, **extras)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)

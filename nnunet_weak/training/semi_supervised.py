@@ -1,0 +1,105 @@
+"""The base of every semi-supervised trainer: nnU-Net with unlabelled cases in every batch.
+
+``SemiSupervisedTrainer`` keeps the cases that the supervision manifest marks ``unlabelled`` in the
+training keys and trains on two-stream batches (``nnunet_weak.training.two_stream``): on every DDP
+rank, each batch holds ``labelled_per_batch`` labelled samples (nnU-Net's foreground oversampling
+applies to them only) followed by unlabelled ones, all through nnU-Net's augmentation.
+``compute_training_loss`` receives ``labelled``, the ``(B,)`` mask saying which entries are which.
+
+nnU-Net's planned batch size is kept; option ``labelled_per_batch`` (``NNUNET_WEAK_TRAINER_OPTIONS``)
+sets the split, 0 (the default) meaning half the batch, rounded up. Validation is nnU-Net's.
+"""
+from __future__ import annotations
+
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.training.two_stream import TwoStreamDataLoader, split_batch
+from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
+
+
+class SemiSupervisedTrainer(nnUNetWeakTrainer):
+    """nnU-Net on two-stream (labelled + unlabelled) batches; the loss is nnU-Net's until a method
+    overrides ``compute_training_loss``."""
+
+    trains_on_unlabelled_cases = True
+    tunable_options = {"labelled_per_batch": 0.0}
+
+    def labelled_and_unlabelled_training_keys(self) -> tuple[list[str], list[str]]:
+        """This fold's training cases, split by the supervision manifest."""
+        manifest = self.supervision_manifest
+        if manifest is None:
+            raise UserInputError(
+                f"{self.__class__.__name__} needs to know which cases are unlabelled, from the supervision manifest "
+                f"of {self.plans_manager.dataset_name} in nnUNet_raw, which was not found. Convert the dataset with "
+                f"'nnunet-weak convert ... --supervision semi' and keep its raw folder in nnUNet_raw.")
+        tr_keys, _ = self.do_split()
+        unlabelled_cases = set(manifest.cases_with("unlabelled"))
+        labelled = [k for k in tr_keys if k not in unlabelled_cases]
+        unlabelled = [k for k in tr_keys if k in unlabelled_cases]
+        for kind, keys in (("labelled", labelled), ("unlabelled", unlabelled)):
+            if not keys:
+                raise UserInputError(
+                    f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {kind} training case, so its batches "
+                    f"cannot mix labelled and unlabelled samples. Check the supervision manifest (--labelled_count) "
+                    f"and the split (splits_final.json).")
+        return labelled, unlabelled
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with the training loader replaced by a two-stream one."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        num_labelled, num_unlabelled = split_batch(self.batch_size, self.labelled_per_batch)
+        labelled_keys, unlabelled_keys = self.labelled_and_unlabelled_training_keys()
+        self.print_to_log_file(f"Two-stream batches: {num_labelled} labelled (of {len(labelled_keys)} cases) + "
+                               f"{num_unlabelled} unlabelled (of {len(unlabelled_keys)} cases) per GPU.")
+
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
+        training_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        validation_transforms = self.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+
+        def loader(keys, batch_size, loader_patch_size, transforms):
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, keys,
+                                         folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+            return nnUNetDataLoader(dataset, batch_size, loader_patch_size, patch_size, self.label_manager,
+                                    oversample_foreground_percent=self.oversample_foreground_percent,
+                                    sampling_probabilities=None, pad_sides=None, transforms=transforms,
+                                    probabilistic_oversampling=self.probabilistic_oversampling)
+
+        training_loader = TwoStreamDataLoader(
+            loader(labelled_keys, num_labelled, initial_patch_size, training_transforms),
+            loader(unlabelled_keys, num_unlabelled, initial_patch_size, training_transforms))
+        _, validation_keys = self.do_split()
+        validation_loader = loader(validation_keys, self.batch_size, patch_size, validation_transforms)
+
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            training, validation = SingleThreadedAugmenter(training_loader, None), SingleThreadedAugmenter(
+                validation_loader, None)
+        else:
+            pin_memory = self.device.type == "cuda"
+            training = NonDetMultiThreadedAugmenter(training_loader, None, num_processes=processes,
+                                                    num_cached=max(6, processes // 2), pin_memory=pin_memory,
+                                                    wait_time=0.002)
+            validation = NonDetMultiThreadedAugmenter(validation_loader, None, num_processes=max(1, processes // 2),
+                                                      num_cached=max(3, processes // 4), pin_memory=pin_memory,
+                                                      wait_time=0.002)
+        # as nnU-Net does: start the workers now, not inside the first training step
+        next(training)
+        next(validation)
+        return training, validation
