@@ -1,9 +1,15 @@
-"""CAML's pieces on their own: the second network's up-sampling, the decoder feature tap."""
+"""CAML's pieces on their own: the second network's up-sampling, the decoder feature tap, cross-sample
+attention, the omni-correlation loss and its voxel choice, the memory bank (with two gloo ranks)."""
+import math
+
 import pytest
 import torch
 
+from nnunet_weak.losses.omni_correlation import agreeing_confident_voxels, omni_correlation_loss
+from nnunet_weak.networks.cross_sample_attention import CrossSampleMutualAttention
 from nnunet_weak.networks.decoder_stages import (InterpolatingUpsampling, LastDecoderFeatures,
                                                  use_interpolating_upsampling)
+from nnunet_weak.training.memory_bank import ClassMemoryBank, correctly_predicted_labelled_voxels, evenly_spaced
 
 from conftest import small_unet
 
@@ -34,3 +40,121 @@ def test_last_decoder_features_are_the_input_of_the_final_segmentation_layer():
     logits = network(torch.randn(2, 1, 16, 16))
     assert tap.features.shape == (2, 4, 16, 16)
     torch.testing.assert_close(network.decoder.seg_layers[-1](tap.features), logits)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cross_sample_attention_mixes_samples_in_training_only(dims):
+    torch.manual_seed(0)
+    attention = CrossSampleMutualAttention(8, num_heads=4, dropout=0.0)
+    x = torch.randn(3, 8, *([4] * dims))
+    changed = x.clone()
+    changed[2] += torch.randn_like(changed[2])
+    attention.train()
+    out, out_changed = attention(x), attention(changed)
+    assert out.shape == x.shape
+    # sample 2 changed: samples 0 and 1 see it through the cross-sample layer
+    assert not torch.allclose(out[0], out_changed[0]) and not torch.allclose(out[1], out_changed[1])
+    attention.eval()
+    assert torch.equal(attention(x), x) and torch.equal(attention(changed)[0], x[0])
+
+
+def test_cross_sample_attention_is_the_two_layers_in_that_order():
+    torch.manual_seed(0)
+    attention = CrossSampleMutualAttention(8, num_heads=2, dropout=0.0).train()
+    x = torch.randn(2, 8, 3, 5)
+    tokens = x.flatten(2).transpose(1, 2)
+    intra = torch.stack([attention.intra_sample(tokens[b:b + 1])[0] for b in range(2)])
+    positions = [attention.cross_sample(intra[:, n][None])[0] for n in range(15)]
+    expected = torch.stack(positions, dim=1).transpose(1, 2).reshape(2, 8, 3, 5)
+    torch.testing.assert_close(attention(x), expected)
+    with pytest.raises(ValueError, match="expected"):
+        attention(torch.randn(2, 4, 3, 5))
+
+
+def test_agreeing_confident_voxels_against_explicit_selection():
+    torch.manual_seed(0)
+    first = torch.softmax(torch.randn(200, 3), dim=1)
+    second = torch.softmax(torch.randn(200, 3), dim=1)
+    chosen = agreeing_confident_voxels(first, second, max_per_class=7)
+    expected = []
+    for c in range(3):
+        voxels = [i for i in range(200) if int(first[i].argmax()) == c and int(second[i].argmax()) == c]
+        voxels.sort(key=lambda i: -float(first[i].max()))
+        expected += voxels[:7]
+    assert chosen.tolist() == expected
+
+
+def test_agreeing_confident_voxels_is_empty_where_the_networks_never_agree():
+    first = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert agreeing_confident_voxels(first, first.flip(1)).numel() == 0
+
+
+def test_omni_correlation_loss_against_explicit_loops_and_gradcheck():
+    torch.manual_seed(0)
+    r1 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    r2 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(6, 4, dtype=torch.float64)
+    total = 0.0
+    for i in range(5):
+        logits1 = [float(r1[i].detach() @ memory[j]) / 0.1 for j in range(6)]
+        logits2 = [float(r2[i].detach() @ memory[j]) / 0.1 for j in range(6)]
+        norm1 = sum(math.exp(v) for v in logits1)
+        norm2 = sum(math.exp(v) for v in logits2)
+        total += -sum(math.exp(logits2[j]) / norm2 * math.log(math.exp(logits1[j]) / norm1) for j in range(6))
+    assert omni_correlation_loss(r1, r2, memory).item() == pytest.approx(total / 5, rel=1e-9)
+    assert torch.autograd.gradcheck(lambda a, b: omni_correlation_loss(a, b, memory), (r1, r2))
+
+
+def test_omni_correlation_loss_is_zero_without_voxels_or_memory():
+    r = torch.randn(3, 4, requires_grad=True)
+    assert omni_correlation_loss(r, r, torch.zeros(0, 4)).item() == 0
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = omni_correlation_loss(empty, empty, torch.randn(5, 4))
+    loss.backward()
+    assert float(loss) == 0
+
+
+def test_correctly_predicted_labelled_voxels_needs_an_annotation_and_both_networks_right():
+    target = torch.tensor([0, 1, 2, 3, 1, 1])          # 3 = ignore
+    first = torch.tensor([0, 1, 2, 1, 0, 1])
+    second = torch.tensor([0, 1, 1, 1, 1, 1])
+    mask = correctly_predicted_labelled_voxels(first, second, target, ignore_label=3)
+    assert mask.tolist() == [True, True, False, False, False, True]
+
+
+def test_memory_bank_is_a_fifo_queue_per_class():
+    bank = ClassMemoryBank(num_classes=2, dim=1, capacity=4, entries_per_step=3)
+    bank.enqueue(torch.arange(5.0)[:, None], torch.tensor([0, 0, 0, 0, 1]))
+    # class 0: three of its four offers, evenly spaced; class 1: its one offer
+    assert bank.filled.tolist() == [3, 1]
+    assert bank.memory().flatten().tolist() == [0.0, 1.0, 2.0, 4.0]
+    bank.enqueue(torch.tensor([[10.0], [11.0]]), torch.tensor([0, 0]))
+    assert bank.filled.tolist() == [4, 1]
+    # the oldest entry of class 0 was overwritten by the newest
+    assert sorted(bank.memory().flatten().tolist()) == [1.0, 2.0, 4.0, 10.0, 11.0]
+    assert bank.entries[0, 0].item() == 11.0
+    assert evenly_spaced(10, 4).tolist() == [0, 2, 5, 7] and evenly_spaced(3, 4).tolist() == [0, 1, 2]
+
+
+def _bank_on_two_ranks(rank, folder):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    bank = ClassMemoryBank(num_classes=2, dim=2, capacity=8, entries_per_step=8)
+    # rank 0 offers 3 class-0 entries, rank 1 offers 1 class-0 and 2 class-1 entries
+    if rank == 0:
+        bank.enqueue(torch.tensor([[1.0, 1], [2, 2], [3, 3]]), torch.tensor([0, 0, 0]))
+    else:
+        bank.enqueue(torch.tensor([[4.0, 4], [5, 5], [6, 6]]), torch.tensor([0, 1, 1]))
+    torch.save(bank.state_dict(), f"{folder}/bank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_memory_bank_gathers_every_rank_and_ends_identical(tmp_path):
+    torch.multiprocessing.spawn(_bank_on_two_ranks, args=(str(tmp_path),), nprocs=2)
+    states = [torch.load(tmp_path / f"bank{r}.pt") for r in range(2)]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key])
+    bank = ClassMemoryBank(num_classes=2, dim=2, capacity=8, entries_per_step=8)
+    bank.load_state_dict(states[0])
+    assert bank.filled.tolist() == [4, 2]
+    assert bank.memory()[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
