@@ -111,7 +111,7 @@ def test_omni_correlation_loss_is_zero_without_voxels_or_memory():
     empty = torch.zeros(0, 4, requires_grad=True)
     loss = omni_correlation_loss(empty, empty, torch.randn(5, 4))
     loss.backward()
-    assert float(loss) == 0
+    assert loss.item() == 0
 
 
 def test_correctly_predicted_labelled_voxels_needs_an_annotation_and_both_networks_right():
