@@ -10,13 +10,9 @@ size of the N × N matrices an unfused one would keep) and the attentive similar
 memory-linear formulation (tiles) and in the naive ``N × N`` one; the naive one is not run where its
 matrices alone would exceed ``--naive_limit_gib``.
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, minus what was allocated before;
-on CPU the peak resident set size during the steps (``VmHWM``, reset first) minus the resident size
-before the first step. CPU children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` at 1 MiB, so that a
-freed tensor goes back to the system and the resident size follows the live tensors: with glibc's
-default, heap fragmentation from many mid-sized tensors inflated it (the tiled loss on a 3D grid at
-batch 5: 1.5 GiB resident against 0.3 GiB with the threshold). Synthetic batches: the plans and the network are the real ones, the images
-random, the sparse labels 2 % annotated; nothing is read from the preprocessed data.
+Memory and batches as in ``benchmarks/training_cost.py``, whose measurements this script reuses: the
+mmap threshold of the children matters here most (with glibc's default, the tiled loss on a 3D grid
+at batch 5 held 1.5 GiB resident against 0.3 GiB with the threshold).
 
     eval "$(nnunet-weak env --root /tmp/phantom)"   # a dataset planned with nnU-Net, e.g. the phantom:
     nnunet-weak convert phantom && nnUNetv2_plan_and_preprocess -d 901 -c 2d 3d_fullres
@@ -27,107 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+import training_cost
 from nnunet_weak.atomic import write_text_atomic
+from training_cost import BASELINE, PeakMemory, median_or_none, number, ratio
 
-BASELINE, METHOD = "nnUNetTrainer", "ScribbleAttentionTrainer"
+METHOD = "ScribbleAttentionTrainer"
 
 
 # ---- measured in a child process -------------------------------------------------------------------
 
-def _resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory (MiB) of what runs inside the context, above what was in use when it started."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-            self.start = _resident_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _resident_kib("VmHWM") * 1024
-        self.mib = (peak - self.start) / 2 ** 20
-
-
-def synthetic_batch(trainer, generator, batch: int):
-    import torch
-    from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
-    patch = [int(p) for p in trainer.configuration_manager.patch_size]
-    data = torch.randn(batch, trainer.num_input_channels, *patch, generator=generator)
-    ignore = trainer.label_manager.ignore_label
-    classes = len(trainer.label_manager.all_labels) - (ignore is not None)
-    labels = torch.randint(0, classes, (batch, 1, *patch), generator=generator)
-    if ignore is not None:
-        labels[torch.rand(labels.shape, generator=generator) > 0.02] = ignore
-    scales = trainer._get_deep_supervision_scales()
-    target = [SparsePreservingDownsampleSegForDSTransform(scales, ignore if ignore is not None else classes)(
-        segmentation=sample)["segmentation"] for sample in labels.to(torch.int16)]
-    target = [torch.stack([t[s] for t in target]) for s in range(len(scales))]
-    return {"data": data, "target": target, "keys": [f"synthetic_{i}" for i in range(batch)]}
-
-
-def measure_steps(dataset: str, configuration: str, plans: str, trainer_name: str, steps: int, device: str,
-                  batch: int) -> dict:
-    import torch
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-    from nnunetv2.run.run_training import get_trainer_from_args
-    torch.manual_seed(0)
-    # synthetic batches: the trainer needs no preprocessed files to tell their format
-    trainer_module.infer_dataset_class = lambda folder: None
-    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, device=torch.device(device))
-    trainer.initialize()
-    trainer.network.train()
-    batch = batch or int(trainer.configuration_manager.batch_size)
-    samples = synthetic_batch(trainer, torch.Generator().manual_seed(0), batch)
-    times = []
-    with PeakMemory(trainer.device) as memory:
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            trainer.train_step(samples)
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times[1:]), "peak_mib": memory.mib,
-            "patch": [int(p) for p in trainer.configuration_manager.patch_size],
-            "batch": batch}
-
-
 def attention_geometry(dataset: str, configuration: str, plans: str, batch: int) -> dict:
     """Where the method's block sits in the planned network: its grid, channels and window spacing."""
-    import torch
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-    from nnunetv2.run.run_training import get_trainer_from_args
     from nnunet_weak.networks.encoder_stages import attached_blocks, cumulative_stage_strides, stage_channels
-    trainer_module.infer_dataset_class = lambda folder: None
-    trainer = get_trainer_from_args(dataset, configuration, 0, METHOD, plans, device=torch.device("cpu"))
-    trainer.initialize()
+    trainer = training_cost.make_trainer(dataset, configuration, plans, METHOD, "cpu")
     (stage, _), = attached_blocks(trainer.network).items()
     stride = cumulative_stage_strides(trainer.network)[stage]
     grid = [p // s for p, s in zip(trainer.configuration_manager.patch_size, stride)]
@@ -176,16 +87,7 @@ def measure_loss(formulation: str, geometry: dict, device: str) -> dict:
 # ---- the parent: runs the children, prints the table -----------------------------------------------
 
 def child(*arguments) -> dict | None:
-    """Runs one measurement in a fresh process; ``None`` if the system killed it (out of memory, as a rule)."""
-    environment = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), **os.environ}
-    result = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, encoding="utf-8",
-                            errors="replace", env=environment)
-    if result.returncode < 0:
-        print(f"measurement {arguments} was killed by signal {-result.returncode} (out of memory?)", file=sys.stderr)
-        return None
-    if result.returncode != 0:
-        raise SystemExit(f"measurement {arguments} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return training_cost.child(__file__, *arguments)
 
 
 def positions(geometry: dict) -> int:
@@ -205,21 +107,8 @@ def naive_attention_gib(geometry: dict) -> float:
     return geometry["batch"] * positions(geometry) ** 2 * 4 * 2 / 2 ** 30
 
 
-def _median_or_none(runs: list, key: str):
-    values = [r[key] for r in runs if r is not None]
-    return statistics.median(values) if len(values) == len(runs) else None
-
-
-def _number(value, digits: int, killed: str = "killed (out of memory)") -> str:
-    return killed if value is None else f"{value:.{digits}f}"
-
-
 def _size(gib: float) -> str:
     return f"~{gib:.1f} GiB" if gib >= 1 else f"~{gib * 1024:.0f} MiB"
-
-
-def _ratio(numerator, denominator) -> str:
-    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
 
 def main() -> int:
@@ -240,19 +129,16 @@ def main() -> int:
     from tqdm import tqdm
 
     rows = []
-    jobs = [(c, r, t) for c in args.c for r in range(args.rounds) for t in (BASELINE, METHOD)]
-    results: dict = {}
-    for configuration, _, trainer in tqdm(jobs, desc="training-step runs"):
-        results.setdefault((configuration, trainer), []).append(
-            child("steps", args.d, configuration, args.p, trainer, str(args.steps), args.device, str(args.batch_size)))
+    results = training_cost.measure_trainers(__file__, args.d, args.c, args.p, (BASELINE, METHOD), args.rounds,
+                                             args.steps, args.device, args.batch_size)
     for configuration in tqdm(args.c, desc="block and loss alone"):
         geometry = child("geometry", args.d, configuration, args.p, str(args.batch_size))
         base, method = results[(configuration, BASELINE)], results[(configuration, METHOD)]
         estimate = naive_loss_gib(geometry)
         rows.append({"configuration": configuration, "patch": "x".join(map(str, geometry["patch"])),
                      "batch": geometry["batch"], "grid": "x".join(map(str, geometry["grid"])),
-                     "base_s": _median_or_none(base, "seconds"), "method_s": _median_or_none(method, "seconds"),
-                     "base_m": _median_or_none(base, "peak_mib"), "method_m": _median_or_none(method, "peak_mib"),
+                     "base_s": median_or_none(base, "seconds"), "method_s": median_or_none(method, "seconds"),
+                     "base_m": median_or_none(base, "peak_mib"), "method_m": median_or_none(method, "peak_mib"),
                      "block": child("block", json.dumps(geometry), args.device),
                      "naive_attention": naive_attention_gib(geometry),
                      "tiles": child("loss", "tiles", json.dumps(geometry), args.device),
@@ -266,14 +152,14 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["naive"] is not None:
-            naive = _number(r["naive"]["peak_mib"], 0)
+            naive = number(r["naive"]["peak_mib"], 0)
         else:
             naive = f"not run (its N×N matrices alone: {_size(r['estimate'])})"
         block, tiles = r["block"] and r["block"]["peak_mib"], r["tiles"] and r["tiles"]["peak_mib"]
-        lines.append(f"| {r['configuration']} | {r['patch']} x {r['batch']} | {r['grid']} | {_number(r['base_s'], 2)} | "
-                     f"{_number(r['method_s'], 2)} | {_ratio(r['method_s'], r['base_s'])} | {_number(r['base_m'], 0)} | "
-                     f"{_number(r['method_m'], 0)} | {_ratio(r['method_m'], r['base_m'])} | {_number(block, 0)} | "
-                     f"{_size(r['naive_attention'])} | {_number(tiles, 0)} | {naive} |")
+        lines.append(f"| {r['configuration']} | {r['patch']} x {r['batch']} | {r['grid']} | {number(r['base_s'], 2)} | "
+                     f"{number(r['method_s'], 2)} | {ratio(r['method_s'], r['base_s'])} | {number(r['base_m'], 0)} | "
+                     f"{number(r['method_m'], 0)} | {ratio(r['method_m'], r['base_m'])} | {number(block, 0)} | "
+                     f"{_size(r['naive_attention'])} | {number(tiles, 0)} | {naive} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.o:
@@ -283,14 +169,12 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("steps", "geometry", "block", "loss"):
-        # nnU-Net writes a training log wherever a trainer is made: keep the user's results folder clean
-        os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="scribble_attention_cost_")
-        import torch
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        training_cost.prepare_child()
         command, arguments = sys.argv[1], sys.argv[2:]
         if command == "steps":
-            result = measure_steps(*arguments[:4], int(arguments[4]), arguments[5], int(arguments[6]))
-        elif command == "geometry":
+            training_cost.run_child_command()
+            sys.exit(0)
+        if command == "geometry":
             result = attention_geometry(*arguments[:3], int(arguments[3]))
         elif command == "block":
             result = measure_block(json.loads(arguments[0]), arguments[1])

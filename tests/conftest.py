@@ -1,6 +1,7 @@
 """Shared fixtures: isolated nnU-Net folders, tiny phantom datasets."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,15 @@ def repository_root() -> Path:
 BIN = Path(sys.executable).parent
 
 
+PROBE = Path(__file__).with_name("trainer_probe.py")
+
+
+def probe(env, *arguments) -> dict:
+    """Run ``tests/trainer_probe.py`` with ``arguments``; its JSON result."""
+    output = run_checked([sys.executable, PROBE, *arguments], env).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def run_checked(command, env, cwd=None) -> subprocess.CompletedProcess:
     """Run a command; fail the test with the end of its output if it fails."""
     result = subprocess.run([str(c) for c in command], env=env, cwd=cwd, capture_output=True, encoding="utf-8",
@@ -61,6 +71,27 @@ def planned_phantom_twins(root: Path, dense_id: int, sparse_id: int, configurati
     run_checked([BIN / "nnUNetv2_plan_and_preprocess", "-d", str(dense_id), "-c", *configurations, "-np", "2",
                  "-npfp", "2"], env)
     run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", str(sparse_id), "-c", *configurations, "-np", "2",
+                 "--plans_from", str(dense_id)], env)
+    return folders, env
+
+
+def planned_phantom_semi(root: Path, dense_id: int, semi_id: int, configurations=("2d",), num_train: int = 6,
+                         labelled_count: int = 2, **env_extra: str):
+    """A 32×32 phantom dense dataset planned by nnU-Net, and a semi-supervised copy of it (the first
+    ``labelled_count`` cases labelled, the rest unlabelled) converted through ``convert folders`` and
+    preprocessed on the same plans."""
+    folders = {name: root / name for name in NNUNET_FOLDERS}
+    env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke", **env_extra)
+    run_checked([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", str(dense_id), "--sparse_id",
+                 str(dense_id + 1), "--num_train", str(num_train), "--num_test", "1", "--size", "32"], env)
+    dense = next((folders["nnUNet_raw"]).glob(f"Dataset{dense_id:03d}_*"))
+    run_checked([BIN / "nnunet-weak", "convert", "folders", "--images", dense / "imagesTr", "--labels",
+                 dense / "labelsTr", "--classes", "RV", "MYO", "LV", "--name", "PhantomSemi", "--id", str(semi_id),
+                 "--dense_id", str(semi_id + 1), "--supervision", "semi", "--labelled_count", str(labelled_count)],
+                env)
+    run_checked([BIN / "nnUNetv2_plan_and_preprocess", "-d", str(dense_id), "-c", *configurations, "-np", "2",
+                 "-npfp", "2"], env)
+    run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", str(semi_id), "-c", *configurations, "-np", "2",
                  "--plans_from", str(dense_id)], env)
     return folders, env
 

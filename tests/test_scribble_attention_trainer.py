@@ -1,10 +1,9 @@
 """ScribbleAttentionTrainer inside nnU-Net: 2D and 3D training steps, no dense label read, exact
 resume, DDP (gloo, two processes), and the stock train → predict round trip on a tiny phantom."""
 import json
+import math
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,16 +16,10 @@ from nnunet_weak.trainers.nnUNetWeakTrainer import nnUNetWeakTrainer, nnUNetWeak
 from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
-from conftest import BIN, planned_phantom_twins, run_checked, subprocess_env
+from conftest import BIN, planned_phantom_twins, probe, run_checked, subprocess_env
 
 DENSE, SPARSE = "Dataset960_PhantomDense", "Dataset961_PhantomScribble"
-PROBE = Path(__file__).with_name("trainer_probe.py")
 TRAINER = "ScribbleAttentionTrainer"
-
-
-def probe(env, *arguments) -> dict:
-    output = run_checked([sys.executable, PROBE, *arguments], env).stdout
-    return json.loads(output.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +37,9 @@ def test_training_steps_use_every_term(workspace, configuration):
     for step in result["losses"]:
         assert all(np.isfinite(v) for v in step.values())
         assert step["partial_ce_dice"] != 0 and step["gated_crf"] > 0 and step["attentive_similarity"] > 0
+        # epoch 0 of the ramp-up of λ_att
         assert step["loss"] == pytest.approx(step["partial_ce_dice"] + 0.1 * step["gated_crf"]
-                                             + 0.1 * step["attentive_similarity"], rel=1e-5)
+                                             + 0.1 * math.exp(-5) * step["attentive_similarity"], rel=1e-5)
     gradients = result["parameters"]
     assert gradients["encoder.stages.2.block.affinity_bias"][1] > 0
     assert gradients["encoder.stages.2.block.query.weight"][1] > 0
@@ -99,7 +93,7 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
     run_checked(train, env)
     fold = folders["nnUNet_results"] / SPARSE / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
     record = json.loads((fold / "nnunet_weak_run.json").read_text())
-    assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1}
+    assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1, "attentive_rampup": 0.5}
     assert (fold / "loss_components.png").stat().st_size > 0
     assert (fold / "validation" / "summary_dense.json").is_file()
 

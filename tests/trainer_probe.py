@@ -3,12 +3,14 @@
 Run as a subprocess (``python tests/trainer_probe.py MODE ...``) because nnU-Net reads its folders
 from the environment once, when ``nnunetv2.paths`` is imported. Modes:
 
-- ``steps DATASET CONFIG TRAINER N``: N training steps from a fixed seed; the loss components of each
-  step, and a checksum of every parameter and of its last gradient.
+- ``steps DATASET CONFIG TRAINER N``: N training steps from a fixed seed; the loss components and the
+  batch composition (keys, labelled mask) of each step, and a checksum of every parameter and of its
+  last gradient.
 - ``resume DATASET CONFIG TRAINER N``: N steps, a checkpoint, a fresh trainer loaded from it; whether
   the two agree on every parameter and optimiser state, and on one more step on the same batch.
 - ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
-  does, one step each on different batches; whether every parameter ended identical on both ranks.
+  does, one step each on different batches; whether every parameter and buffer ended identical on
+  both ranks, and each rank's labelled mask.
 """
 import json
 import os
@@ -57,8 +59,13 @@ def steps(dataset, configuration, trainer_name, count):
     trainer = make_trainer(dataset, configuration, trainer_name)
     loader = batches(trainer, 0)
     seeded(1)
-    losses = [numbers(trainer.train_step(next(loader))) for _ in range(int(count))]
-    print(json.dumps({"losses": losses, "parameters": checksums(trainer)}))
+    losses, compositions = [], []
+    for _ in range(int(count)):
+        batch = next(loader)
+        compositions.append({"keys": list(batch["keys"]),
+                             "labelled": batch["labelled"].tolist() if "labelled" in batch else None})
+        losses.append(numbers(trainer.train_step(batch)))
+    print(json.dumps({"losses": losses, "parameters": checksums(trainer), "batches": compositions}))
 
 
 def resume(dataset, configuration, trainer_name, count):
@@ -69,6 +76,8 @@ def resume(dataset, configuration, trainer_name, count):
         first.train_step(next(loader))
     checkpoint = os.path.join(tempfile.mkdtemp(), "checkpoint.pth")
     first.save_checkpoint(checkpoint)
+    # as nnU-Net's on_epoch_end: the checkpoint is written at the end of an epoch, which then advances
+    first.current_epoch += 1
     second = make_trainer(dataset, configuration, trainer_name)
     second.load_checkpoint(checkpoint)
     same_state = all(torch.equal(a, b) for a, b in zip(first.network.state_dict().values(),
@@ -98,12 +107,15 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
     trainer.network = DistributedDataParallel(trainer.network)
     loader = batches(trainer, 100 + rank)
     seeded(rank)
-    output = numbers(trainer.train_step(next(loader)))
-    # per parameter, its value on rank 0 and on rank 1
+    batch = next(loader)
+    output = numbers(trainer.train_step(batch))
+    output["labelled"] = batch["labelled"].tolist() if "labelled" in batch else None
+    # per parameter and buffer (memory banks, normalisation statistics), its value on rank 0 and on rank 1
+    state = trainer.network.state_dict()
     gathered = []
-    for parameter in trainer.network.parameters():
-        copies = [torch.zeros_like(parameter) for _ in range(2)]
-        dist.all_gather(copies, parameter.detach())
+    for value in state.values():
+        copies = [torch.zeros_like(value) for _ in range(2)]
+        dist.all_gather(copies, value.detach().contiguous())
         gathered.append(copies)
     losses = [None, None]
     dist.all_gather_object(losses, output)
@@ -111,8 +123,14 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
         inside = {id(p) for p in trainer.network.parameters()}
         outside = [name for name, value in vars(trainer).items() if isinstance(value, torch.nn.Module)
                    and any(id(p) not in inside for p in value.parameters())]
-        names = [name for name, _ in trainer.network.named_parameters()]
-        result = {"different": [n for n, (a, b) in zip(names, gathered) if not torch.equal(a, b)], "losses": losses,
+        # BatchNorm statistics of one step's local batch: nnU-Net converts BatchNorm to SyncBatchNorm on
+        # GPUs, which does not run on CPU; reported apart
+        statistics = {f"{name}.{buffer}".lstrip(".") for name, module in trainer.network.named_modules()
+                      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+                      for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+        different = [n for n, (a, b) in zip(state, gathered) if not torch.equal(a, b)]
+        result = {"different": [n for n in different if n not in statistics],
+                  "different_batchnorm_statistics": [n for n in different if n in statistics], "losses": losses,
                   "modules_with_parameters_outside_network": outside,
                   "trainable": sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)}
         with open(result_file, "w") as handle:

@@ -18,9 +18,9 @@ pipeline, 2D and 3D (``../shared/METHODS.md`` §1):
     the number of positions.
 
 Options (``NNUNET_WEAK_TRAINER_OPTIONS``): ``lambda_crf`` (0.1), ``lambda_attentive`` (0.1) and
-``attentive_rampup`` (0), the fraction of the epochs over which ``λ_att`` ramps up from
+``attentive_rampup`` (0.5), the fraction of the epochs over which ``λ_att`` ramps up from
 ``exp(-5)·λ_att`` with ``nnunet_weak.training.schedules.sigmoid_rampup`` (0: the paper's constant
-weight). The window (radius 5, σ 6 voxels) and σ_I = 0.1 are the paper's. Not reproduced from the released code: a
+weight, which paints one class over the distant background in the first epoch on ACDC). The window (radius 5, σ 6 voxels) and σ_I = 0.1 are the paper's. Not reproduced from the released code: a
 per-slice switch of ``L_att`` computed from the dense ground truth; nothing here reads a dense label.
 
 Ablations (same everything else): ``ScribbleAttentionTrainer_noCRF`` (λ_crf = 0),
@@ -53,7 +53,9 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
     window_radius = 5
     window_sigma = 6.0
     intensity_sigma = 0.1
-    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1, "attentive_rampup": 0.0}
+    # attentive_rampup 0.5 (the paper: none) measured on ACDC scribbles at 20x50: mean Dice 0.746 against
+    # 0.537 and 0.604 without it (README)
+    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1, "attentive_rampup": 0.5}
     training_loss_components = ("partial_ce_dice", "gated_crf", "attentive_similarity")
 
     @classmethod

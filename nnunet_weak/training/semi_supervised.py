@@ -7,7 +7,8 @@ applies to them only) followed by unlabelled ones, all through nnU-Net's augment
 ``compute_training_loss`` receives ``labelled``, the ``(B,)`` mask saying which entries are which.
 
 nnU-Net's planned batch size is kept; option ``labelled_per_batch`` (``NNUNET_WEAK_TRAINER_OPTIONS``)
-sets the split, 0 (the default) meaning half the batch, rounded up. Validation is nnU-Net's.
+sets the split, 0 (the default) meaning half the batch, rounded up. Validation is nnU-Net's; its
+per-epoch pseudo-Dice uses the labelled validation cases.
 """
 from __future__ import annotations
 
@@ -84,8 +85,15 @@ class SemiSupervisedTrainer(nnUNetWeakTrainer):
         training_loader = TwoStreamDataLoader(
             loader(labelled_keys, num_labelled, initial_patch_size, training_transforms),
             loader(unlabelled_keys, num_unlabelled, initial_patch_size, training_transforms))
+        # nnU-Net's per-epoch pseudo-Dice can only count annotated voxels: unlabelled validation cases
+        # (scored on their dense labels after training) have none
         _, validation_keys = self.do_split()
-        validation_loader = loader(validation_keys, self.batch_size, patch_size, validation_transforms)
+        unlabelled_cases = set(self.supervision_manifest.cases_with("unlabelled"))
+        annotated_validation_keys = [k for k in validation_keys if k not in unlabelled_cases]
+        validation_loader = loader(annotated_validation_keys or validation_keys, self.batch_size, patch_size,
+                                   validation_transforms)
+        if not annotated_validation_keys:
+            validation_loader.has_ignore = False
 
         processes = get_allowed_n_proc_DA()
         if processes == 0:

@@ -1,0 +1,110 @@
+"""CAMLTrainer inside nnU-Net on a tiny semi-supervised phantom: two-stream batches, every loss term,
+unlabelled label maps never read, exact resume, DDP (gloo, two processes), stock train → predict."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_weak.environment import NNUNET_FOLDERS
+
+from conftest import BIN, planned_phantom_semi, probe, run_checked, subprocess_env
+
+SEMI = "Dataset982_PhantomSemi"
+TRAINER = "CAMLTrainer"
+LABELLED = {"phantom_0000", "phantom_0001"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folders, env = planned_phantom_semi(tmp_path_factory.mktemp("caml"), 980, 982, ("2d", "3d_fullres"))
+    return folders, dict(env, nnUNet_n_proc_DA="0")
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_batches_mix_labelled_and_unlabelled_cases_and_every_term_acts(workspace, configuration):
+    _, env = workspace
+    result = probe(env, "steps", "982", configuration, TRAINER, "2")
+    for composition in result["batches"]:
+        labelled = composition["labelled"]
+        # nnU-Net's planned batch (3 in 2D, 2 in 3D), half of it labelled, rounded up
+        assert labelled == ([True, True, False] if configuration == "2d" else [True, False])
+        for key, is_labelled in zip(composition["keys"], labelled):
+            assert (key in LABELLED) == is_labelled
+    ramp = math.exp(-5)  # epoch 0 of the ramp-up
+    for step in result["losses"]:
+        assert all(np.isfinite(v) for v in step.values())
+        assert step["supervised"] > 0 and step["cross_consistency"] > 0 and step["omni_correlation"] >= 0
+        assert step["loss"] == pytest.approx(0.5 * step["supervised"] + ramp * step["cross_consistency"]
+                                             + 0.05 * ramp * step["omni_correlation"], rel=1e-5)
+    gradients = result["parameters"]
+    assert any(name.startswith("second_network.") and "block.cross_sample" in name and g[1] > 0
+               for name, g in gradients.items())
+    assert gradients["first_projection.0.weight"][1] is not None
+
+
+def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    folders, env = workspace
+    copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
+    for name in NNUNET_FOLDERS:
+        shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
+    env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0")
+    before = probe(env, "steps", "982", "2d", TRAINER, "3")
+
+    rng = np.random.default_rng(0)
+    preprocessed = copies["nnUNet_preprocessed"] / SEMI / "nnUNetPlans_2d"
+    manifest = json.loads((copies["nnUNet_raw"] / SEMI / "supervision.json").read_text())["cases"]
+    unlabelled = [case for case, entry in manifest.items() if entry["supervision"] == "unlabelled"]
+    assert len(unlabelled) == 4
+    dataset = nnUNetDatasetBlosc2(str(preprocessed), unlabelled)
+    for case in unlabelled:
+        seg = np.asarray(dataset.load_case(case)[1])
+        assert (seg == 4).all()  # all ignore
+        nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
+    assert not (np.asarray(nnUNetDatasetBlosc2(str(preprocessed), unlabelled).load_case(unlabelled[0])[1]) == 4).all()
+    after = probe(env, "steps", "982", "2d", TRAINER, "3")
+    assert after == before
+
+
+def test_resume_restores_both_networks_heads_and_bank(workspace):
+    _, env = workspace
+    result = probe(env, "resume", "982", "2d", TRAINER, "2")
+    assert result["same_keys"] and result["same_state"] and result["same_after_step"]
+
+
+def test_ddp_keeps_networks_heads_and_bank_in_sync_with_two_streams_per_rank(workspace):
+    _, env = workspace
+    result = probe(env, "ddp", "982", "2d", TRAINER)
+    assert result["modules_with_parameters_outside_network"] == []
+    assert result["different"] == []
+    # only the heads' BatchNorm statistics of the local batch (SyncBatchNorm on GPUs), unused by any loss
+    assert all(".".join(n.split(".")[1:2]).endswith(("projection", "prediction"))
+               for n in result["different_batchnorm_statistics"])
+    assert [loss["labelled"] for loss in result["losses"]] == [[True, True, False]] * 2
+    assert result["losses"][0]["loss"] != result["losses"][1]["loss"]
+
+
+@pytest.mark.slow
+def test_stock_train_then_predict_uses_the_first_network_only(workspace, tmp_path):
+    folders, env = workspace
+    env = dict(env, nnUNet_n_proc_DA="1", NNUNET_WEAK_TRAINER_OPTIONS="lambda_omni=0.1")
+    run_checked([BIN / "nnUNetv2_train", "982", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    fold = folders["nnUNet_results"] / SEMI / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    assert json.loads((fold / "nnunet_weak_run.json").read_text())["options"]["lambda_omni"] == 0.1
+    assert (fold / "validation" / "summary_dense.json").is_file()
+
+    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SEMI / "splits_final.json").read_text())[0]["val"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in validation_cases:
+        shutil.copy(folders["nnUNet_raw"] / SEMI / "imagesTr" / f"{case}_0000.nii.gz", images)
+    predictions = tmp_path / "predictions"
+    run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "982", "-c", "2d", "-f", "0", "-tr",
+                 TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    for case in validation_cases:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(predicted, validated)

@@ -1,0 +1,131 @@
+"""``-tr CAMLTrainer``: correlation-aware mutual learning (Gao et al., MICCAI 2023, arXiv 2307.06312).
+
+Semi-supervised: every batch holds labelled and unlabelled samples (``SemiSupervisedTrainer``, from
+the supervision manifest). ``../shared/METHODS.md`` §5 specifies the method; this file composes it:
+
+- **Two networks** (``MutualLearningNetworks``): nnU-Net's planned network, which ``nnUNetv2_predict``
+  rebuilds and alone predicts, and a second instance of the same plans whose decoder up-samples by
+  interpolation and whose stride-8 encoder stage is followed by **cross-sample mutual attention**
+  (§2.2, training only). Projection and prediction heads embed each network's last decoder features.
+- **Loss** (Eq. 9): ``L = 0.5 · L_sup + λ_c(t) · L_cons + λ_o(t) · L_omni``
+
+  - ``L_sup``: nnU-Net's Dice + CE (deep supervision, ignore label) on the labelled samples, summed
+    over both networks (the authors use Dice only).
+  - ``L_cons`` (Eq. 8, from MC-Net+): ``sharpened_cross_consistency_loss``, T = 0.1, all samples.
+  - ``L_omni`` (Eq. 6–7): ``omni_correlation_loss`` between the two networks' correlations to the
+    memory bank (``ClassMemoryBank``: embeddings of labelled voxels that both networks predict
+    correctly), over the unlabelled voxels where both agree, the ``omni_voxels_per_class`` most
+    confident per class (``agreeing_confident_voxels``); τ = 0.1.
+  - ``λ_c(t) = lambda_consistency · w(t)``, ``λ_o(t) = lambda_omni · w(t)``, ``w`` the ramp-up
+    ``sigmoid_rampup`` over the first ``consistency_rampup`` of the epochs.
+
+Options (``NNUNET_WEAK_TRAINER_OPTIONS``), defaults from the authors' LA setting with 4 labelled
+cases: ``lambda_consistency`` 1, ``lambda_omni`` 0.05, ``consistency_rampup`` 0.4 (6,000 of their
+15,000 iterations), ``omni_voxels_per_class`` 12800, ``labelled_per_batch`` (0: half the batch).
+Not reproduced from the released code: the checkpoint chosen on the test set; the second network's
+labelled embeddings taken from unpermuted (scrambled) features.
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_weak.losses.mutual_consistency import sharpened_cross_consistency_loss
+from nnunet_weak.losses.omni_correlation import agreeing_confident_voxels, omni_correlation_loss
+from nnunet_weak.networks.encoder_stages import unwrap_network
+from nnunet_weak.networks.mutual_learning import MutualLearningNetworks, MutualLearningOutput
+from nnunet_weak.training.memory_bank import correctly_predicted_labelled_voxels, evenly_spaced
+from nnunet_weak.training.schedules import sigmoid_rampup
+from nnunet_weak.training.semi_supervised import SemiSupervisedTrainer
+
+__all__ = ["CAMLTrainer"]
+
+
+def voxel_rows(tensor: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``(n, C)`` of ``(B, C, *spatial)`` at flat voxel indices over ``B × prod(spatial)``."""
+    per_sample = tensor[0, 0].numel()
+    return tensor.flatten(2)[flat_indices // per_sample, :, flat_indices % per_sample]
+
+
+def all_voxels(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` as ``(B · prod(spatial), C)``, voxel rows in flat-index order."""
+    return tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+
+
+class CAMLTrainer(SemiSupervisedTrainer):
+    """CAML: two networks, cross-sample attention, sharpened cross-consistency, omni-correlation."""
+
+    attention_stride = 8
+    sharpen_temperature = 0.1
+    correlation_temperature = 0.1
+    supervised_weight = 0.5
+    tunable_options = {**SemiSupervisedTrainer.tunable_options, "lambda_consistency": 1.0, "lambda_omni": 0.05,
+                       "consistency_rampup": 0.4, "omni_voxels_per_class": 12800.0}
+    training_loss_components = ("supervised", "cross_consistency", "omni_correlation")
+
+    def _do_i_compile(self):
+        # the decoder-feature hooks hand features to the loss by side effect, which torch.compile would drop
+        return False
+
+    def training_network(self, network):
+        second = nnUNetTrainer.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, self.enable_deep_supervision)
+        return MutualLearningNetworks(network, second, self.label_manager.num_segmentation_heads,
+                                      attention_stride=self.attention_stride)
+
+    def consistency_weight(self) -> float:
+        """``w(t)`` of the ramp-up at the current epoch."""
+        return sigmoid_rampup(self.current_epoch, self.consistency_rampup * self.num_epochs)
+
+    def compute_training_loss(self, data, target, output: MutualLearningOutput, labelled):
+        targets = target if isinstance(target, list) else [target]
+        supervised = (self._labelled_loss(output.first_logits, targets, labelled)
+                      + self._labelled_loss(output.second_logits, targets, labelled))
+        first = torch.softmax(output.first_logits[0].float(), dim=1)
+        second = torch.softmax(output.second_logits[0].float(), dim=1)
+        consistency = sharpened_cross_consistency_loss(first, second, self.sharpen_temperature)
+        omni = self._omni_correlation(output, first, second, targets[0], labelled)
+        weight = self.consistency_weight()
+        total = (self.supervised_weight * supervised + self.lambda_consistency * weight * consistency
+                 + self.lambda_omni * weight * omni)
+        return total, {"supervised": supervised, "cross_consistency": consistency, "omni_correlation": omni}
+
+    def _labelled_loss(self, logits: list, targets: list, labelled: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's loss on the labelled samples only."""
+        if self.enable_deep_supervision:
+            return self.loss([o[labelled] for o in logits], [t[labelled] for t in targets])
+        return self.loss(logits[0][labelled], targets[0][labelled])
+
+    def _omni_correlation(self, output: MutualLearningOutput, first: torch.Tensor, second: torch.Tensor,
+                          target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        networks: MutualLearningNetworks = unwrap_network(self.network)
+        bank = networks.memory_bank
+        # the memory: labelled voxels that both networks predict correctly, a few per class
+        correct = correctly_predicted_labelled_voxels(first[labelled].argmax(1).flatten(),
+                                                      second[labelled].argmax(1).flatten(),
+                                                      target[labelled][:, 0].flatten().long(),
+                                                      self.label_manager.ignore_label)
+        classes = target[labelled][:, 0].flatten().long()
+        offered = torch.cat([torch.nonzero(correct & (classes == c)).flatten()[
+            evenly_spaced(int((correct & (classes == c)).sum()), bank.entries_per_step, correct.device)]
+            for c in range(first.shape[1])])
+        with torch.no_grad():
+            if len(offered) >= 2:  # BatchNorm needs two rows
+                entries = (networks.first_projection(voxel_rows(output.first_features[labelled], offered))
+                           + networks.second_projection(voxel_rows(output.second_features[labelled], offered))) / 2
+            else:
+                entries = first.new_zeros((0, bank.entries.shape[2]))
+            bank.enqueue(entries, classes[offered[:len(entries)]])
+        # the queries: unlabelled voxels where both networks agree, the most confident per class
+        unlabelled = ~labelled
+        chosen = agreeing_confident_voxels(all_voxels(first[unlabelled]).detach(),
+                                           all_voxels(second[unlabelled]).detach(), int(self.omni_voxels_per_class))
+        memory = bank.memory()
+        # every head takes part in every step's loss (zero-weighted when nothing is chosen), as DDP requires
+        omni = sum(p.sum() for head in networks.heads() for p in head.parameters()) * 0
+        if len(chosen) >= 2 and len(memory) > 0:
+            first_queries = networks.first_prediction(networks.first_projection(
+                voxel_rows(output.first_features[unlabelled], chosen)))
+            second_queries = networks.second_prediction(networks.second_projection(
+                voxel_rows(output.second_features[unlabelled], chosen)))
+            omni = omni + omni_correlation_loss(first_queries, second_queries, memory, self.correlation_temperature)
+        return omni
