@@ -56,10 +56,17 @@ class Run:
         return f"{self.dataset.name}__{self.trainer}"
 
 
-def method_name(trainer: str, dense: bool) -> str:
-    if trainer == BASE_TRAINER:
-        return "nnU-Net dense (upper bound)" if dense else "nnU-Net + partial loss"
-    return trainer
+def method_name(trainer: str, dataset: RawDataset, dense: bool) -> str:
+    """The row name: what the base trainer is on this dataset, the trainer's name otherwise."""
+    if trainer != BASE_TRAINER:
+        return trainer
+    if dense:
+        return "nnU-Net dense (upper bound)"
+    manifest = dataset.manifest
+    if manifest is not None and not manifest.cases_with("sparse") and manifest.cases_with("unlabelled"):
+        # the base trainer leaves unlabelled cases out of training
+        return "nnU-Net, labelled cases only"
+    return "nnU-Net + partial loss"
 
 
 def check_same_plans_and_splits(dense: RawDataset, sparse: RawDataset, plans: str) -> None:
@@ -138,8 +145,8 @@ class Comparison:
         self.output = Path(output) if output else (
             required_folder("nnUNet_results") / "nnunet_weak_compare" /
             f"{self.sparse.name}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
-        self.runs = ([Run(method_name(BASE_TRAINER, True), BASE_TRAINER, self.dense)] if self.dense else [])
-        self.runs += [Run(method_name(t, False), t, self.sparse) for t in dict.fromkeys(trainers)]
+        self.runs = ([Run(method_name(BASE_TRAINER, self.dense, True), BASE_TRAINER, self.dense)] if self.dense else [])
+        self.runs += [Run(method_name(t, self.sparse, False), t, self.sparse) for t in dict.fromkeys(trainers)]
         self.env = environment_with_trainers()
         self.env[BUDGET_ENV] = self.budget.name
 

@@ -185,10 +185,26 @@ def test_sharpened_cross_consistency_against_explicit_loops_and_its_gradient():
             for i in range(4):
                 total += (float(p1[b, c, i]) - float(s2[b, c, i])) ** 2 + (float(p2[b, c, i]) - float(s1[b, c, i])) ** 2
     loss = sharpened_cross_consistency_loss(first, second)
-    assert float(loss) == pytest.approx(total / 24, rel=1e-12)
+    assert loss.item() == pytest.approx(total / 24, rel=1e-12)
     loss.backward()
     # the sharpened side is a fixed pseudo-label: d/dp1 of mean((p1 - s2)^2) only
     torch.testing.assert_close(first.grad, 2 * (p1 - s2) / 24)
     torch.testing.assert_close(second.grad, 2 * (p2 - s1) / 24)
     with pytest.raises(ValueError, match="differ in shape"):
         sharpened_cross_consistency_loss(first, second[:1])
+
+
+def test_compare_names_the_base_trainer_by_what_it_trains_on():
+    from types import SimpleNamespace
+
+    from nnunet_weak.compare import method_name
+    from nnunet_weak.supervision import CaseSupervision, SupervisionManifest
+
+    def dataset(*kinds):
+        return SimpleNamespace(manifest=SupervisionManifest({f"c{i}": CaseSupervision(k) for i, k in enumerate(kinds)}))
+
+    assert method_name("nnUNetWeakTrainer", dataset("dense", "unlabelled"), False) == "nnU-Net, labelled cases only"
+    assert method_name("nnUNetWeakTrainer", dataset("sparse", "sparse"), False) == "nnU-Net + partial loss"
+    assert method_name("nnUNetWeakTrainer", dataset("dense", "sparse", "unlabelled"), False) == "nnU-Net + partial loss"
+    assert method_name("nnUNetWeakTrainer", dataset("dense"), True) == "nnU-Net dense (upper bound)"
+    assert method_name("CAMLTrainer", dataset("dense", "unlabelled"), False) == "CAMLTrainer"
