@@ -158,3 +158,31 @@ def test_memory_bank_gathers_every_rank_and_ends_identical(tmp_path):
     bank.load_state_dict(states[0])
     assert bank.filled.tolist() == [4, 2]
     assert bank.memory()[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_the_bank_takes_only_annotated_labelled_voxels_that_both_networks_predict_correctly():
+    from types import SimpleNamespace
+
+    from nnunet_weak.networks.mutual_learning import MutualLearningNetworks, MutualLearningOutput
+    from nnunet_weak.trainers.CAMLTrainer import CAMLTrainer
+
+    torch.manual_seed(0)
+    networks = MutualLearningNetworks(small_unet("plain", 2), small_unet("plain", 2), num_classes=3)
+    trainer = SimpleNamespace(network=networks, label_manager=SimpleNamespace(ignore_label=3),
+                              omni_voxels_per_class=100, correlation_temperature=0.1)
+    target = torch.randint(0, 3, (2, 1, 4, 4))
+    target[0, 0, 0] = 3                                   # four un-annotated voxels of the labelled sample
+    labelled = torch.tensor([True, False])
+    first_labels, second_labels = target[:, 0].clone() % 3, target[:, 0].clone() % 3
+    first_labels[0, 1, :2] = (first_labels[0, 1, :2] + 1) % 3      # the first network wrong at two voxels
+    second_labels[0, 2, 1:] = (second_labels[0, 2, 1:] + 1) % 3    # the second wrong at three
+    target[1] = 0                                         # garbage on the unlabelled sample: never read
+    first = torch.nn.functional.one_hot(first_labels, 3).movedim(-1, 1).float()
+    second = torch.nn.functional.one_hot(second_labels, 3).movedim(-1, 1).float()
+    output = MutualLearningOutput([first], [second], torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4))
+    CAMLTrainer._omni_correlation(trainer, output, first, second, target, labelled)
+
+    correct = (target[0, 0] != 3) & (first_labels[0] == target[0, 0]) & (second_labels[0] == target[0, 0])
+    expected = [int((correct & (target[0, 0] == c)).sum()) for c in range(3)]
+    assert sum(expected) == 16 - 4 - 2 - 3
+    assert networks.memory_bank.filled.tolist() == expected
