@@ -168,8 +168,7 @@ def test_the_bank_takes_only_annotated_labelled_voxels_that_both_networks_predic
 
     torch.manual_seed(0)
     networks = MutualLearningNetworks(small_unet("plain", 2), small_unet("plain", 2), num_classes=3)
-    trainer = SimpleNamespace(network=networks, label_manager=SimpleNamespace(ignore_label=3),
-                              omni_voxels_per_class=100, correlation_temperature=0.1)
+    trainer = SimpleNamespace(label_manager=SimpleNamespace(ignore_label=3))
     target = torch.randint(0, 3, (2, 1, 4, 4))
     target[0, 0, 0] = 3                                   # four un-annotated voxels of the labelled sample
     labelled = torch.tensor([True, False])
@@ -180,7 +179,7 @@ def test_the_bank_takes_only_annotated_labelled_voxels_that_both_networks_predic
     first = torch.nn.functional.one_hot(first_labels, 3).movedim(-1, 1).float()
     second = torch.nn.functional.one_hot(second_labels, 3).movedim(-1, 1).float()
     output = MutualLearningOutput([first], [second], torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4))
-    CAMLTrainer._omni_correlation(trainer, output, first, second, target, labelled)
+    CAMLTrainer._update_memory_bank(trainer, networks, output, first, second, target, labelled)
 
     correct = (target[0, 0] != 3) & (first_labels[0] == target[0, 0]) & (second_labels[0] == target[0, 0])
     expected = [int((correct & (target[0, 0] == c)).sum()) for c in range(3)]

@@ -97,35 +97,43 @@ class CAMLTrainer(SemiSupervisedTrainer):
 
     def _omni_correlation(self, output: MutualLearningOutput, first: torch.Tensor, second: torch.Tensor,
                           target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        """Update the memory bank from the labelled samples, then ``L_omni`` on the unlabelled ones."""
         networks: MutualLearningNetworks = unwrap_network(self.network)
-        bank = networks.memory_bank
-        # the memory: labelled voxels that both networks predict correctly, a few per class
-        correct = correctly_predicted_labelled_voxels(first[labelled].argmax(1).flatten(),
-                                                      second[labelled].argmax(1).flatten(),
-                                                      target[labelled][:, 0].flatten().long(),
-                                                      self.label_manager.ignore_label)
-        classes = target[labelled][:, 0].flatten().long()
-        offered = torch.cat([torch.nonzero(correct & (classes == c)).flatten()[
-            evenly_spaced(int((correct & (classes == c)).sum()), bank.entries_per_step, correct.device)]
-            for c in range(first.shape[1])])
-        with torch.no_grad():
-            if len(offered) >= 2:  # BatchNorm needs two rows
-                entries = (networks.first_projection(voxel_rows(output.first_features[labelled], offered))
-                           + networks.second_projection(voxel_rows(output.second_features[labelled], offered))) / 2
-            else:
-                entries = first.new_zeros((0, bank.entries.shape[2]))
-            bank.enqueue(entries, classes[offered[:len(entries)]])
-        # the queries: unlabelled voxels where both networks agree, the most confident per class
+        self._update_memory_bank(networks, output, first, second, target, labelled)
         unlabelled = ~labelled
         chosen = agreeing_confident_voxels(all_voxels(first[unlabelled]).detach(),
                                            all_voxels(second[unlabelled]).detach(), int(self.omni_voxels_per_class))
-        memory = bank.memory()
+        memory = networks.memory_bank.memory()
         # every head takes part in every step's loss (zero-weighted when nothing is chosen), as DDP requires
         omni = sum(p.sum() for head in networks.heads() for p in head.parameters()) * 0
-        if len(chosen) >= 2 and len(memory) > 0:
+        if len(chosen) >= 2 and len(memory) > 0:  # BatchNorm needs two rows
             first_queries = networks.first_prediction(networks.first_projection(
                 voxel_rows(output.first_features[unlabelled], chosen)))
             second_queries = networks.second_prediction(networks.second_projection(
                 voxel_rows(output.second_features[unlabelled], chosen)))
             omni = omni + omni_correlation_loss(first_queries, second_queries, memory, self.correlation_temperature)
         return omni
+
+    def _update_memory_bank(self, networks: MutualLearningNetworks, output: MutualLearningOutput,
+                            first: torch.Tensor, second: torch.Tensor, target: torch.Tensor,
+                            labelled: torch.Tensor) -> None:
+        """Offer the bank the mean projection of labelled voxels that both networks predict correctly,
+        up to ``entries_per_step`` per class (collective under DDP: every rank calls it every step)."""
+        bank = networks.memory_bank
+        classes = target[labelled][:, 0].flatten().long()
+        correct = correctly_predicted_labelled_voxels(first[labelled].argmax(1).flatten(),
+                                                      second[labelled].argmax(1).flatten(), classes,
+                                                      self.label_manager.ignore_label)
+        offered = []
+        for c in range(first.shape[1]):
+            candidates = torch.nonzero(correct & (classes == c)).flatten()
+            offered.append(candidates[evenly_spaced(len(candidates), bank.entries_per_step, candidates.device)])
+        offered = torch.cat(offered)
+        with torch.no_grad():
+            if len(offered) >= 2:  # BatchNorm needs two rows
+                entries = (networks.first_projection(voxel_rows(output.first_features[labelled], offered))
+                           + networks.second_projection(voxel_rows(output.second_features[labelled], offered))) / 2
+            else:
+                offered = offered[:0]
+                entries = first.new_zeros((0, bank.entries.shape[2]))
+            bank.enqueue(entries, classes[offered])
