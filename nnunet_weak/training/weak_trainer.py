@@ -48,10 +48,10 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_weak.atomic import write_json_atomic
-from nnunet_weak.networks.encoder_stages import unwrap_network
-from nnunet_weak.networks.training_network import TRAINING_WEIGHTS_KEY, TrainingNetwork
 from nnunet_weak.budget import Budget, budget_from_environment, parse_budget
 from nnunet_weak.evaluation import score_cases
+from nnunet_weak.networks.encoder_stages import unwrap_network
+from nnunet_weak.networks.training_network import TRAINING_WEIGHTS_KEY, TrainingNetwork
 from nnunet_weak.plots import plot_loss_components
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.supervision import SupervisionManifest
@@ -130,8 +130,6 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             raise RuntimeError(f"Fold {self.fold} has no labelled training case: every training case is "
                                f"marked unlabelled in the supervision manifest.")
         return supervised, val_keys
-
-    # ---- training loss -------------------------------------------------------------------------
 
     # ---- training-only modules and checkpoints ----------------------------------------------
 
