@@ -30,15 +30,16 @@ class SemiSupervisedTrainer(nnUNetWeakTrainer):
     trains_on_unlabelled_cases = True
     tunable_options = {"labelled_per_batch": 0.0}
 
-    def labelled_and_unlabelled_training_keys(self) -> tuple[list[str], list[str]]:
-        """This fold's training cases, split by the supervision manifest."""
+    def keys_by_supervision(self) -> tuple[list[str], list[str], list[str]]:
+        """This fold's labelled training cases, unlabelled training cases and labelled validation cases,
+        from one split and the supervision manifest."""
         manifest = self.supervision_manifest
         if manifest is None:
             raise UserInputError(
                 f"{self.__class__.__name__} needs to know which cases are unlabelled, from the supervision manifest "
                 f"of {self.plans_manager.dataset_name} in nnUNet_raw, which was not found. Convert the dataset with "
                 f"'nnunet-weak convert ... --supervision semi' and keep its raw folder in nnUNet_raw.")
-        tr_keys, _ = self.do_split()
+        tr_keys, val_keys = self.do_split()
         unlabelled_cases = set(manifest.cases_with("unlabelled"))
         labelled = [k for k in tr_keys if k not in unlabelled_cases]
         unlabelled = [k for k in tr_keys if k in unlabelled_cases]
@@ -48,14 +49,14 @@ class SemiSupervisedTrainer(nnUNetWeakTrainer):
                     f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {kind} training case, so its batches "
                     f"cannot mix labelled and unlabelled samples. Check the supervision manifest (--labelled_count) "
                     f"and the split (splits_final.json).")
-        return labelled, unlabelled
+        return labelled, unlabelled, [k for k in val_keys if k not in unlabelled_cases]
 
     def get_dataloaders(self):
         """nnU-Net's loaders, with the training loader replaced by a two-stream one."""
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         num_labelled, num_unlabelled = split_batch(self.batch_size, self.labelled_per_batch)
-        labelled_keys, unlabelled_keys = self.labelled_and_unlabelled_training_keys()
+        labelled_keys, unlabelled_keys, annotated_validation_keys = self.keys_by_supervision()
         self.print_to_log_file(f"Two-stream batches: {num_labelled} labelled (of {len(labelled_keys)} cases) + "
                                f"{num_unlabelled} unlabelled (of {len(unlabelled_keys)} cases) per GPU.")
 
@@ -86,11 +87,8 @@ class SemiSupervisedTrainer(nnUNetWeakTrainer):
             loader(labelled_keys, num_labelled, initial_patch_size, training_transforms),
             loader(unlabelled_keys, num_unlabelled, initial_patch_size, training_transforms))
         # nnU-Net's per-epoch pseudo-Dice can only count annotated voxels: unlabelled validation cases
-        # (scored on their dense labels after training) have none
-        _, validation_keys = self.do_split()
-        unlabelled_cases = set(self.supervision_manifest.cases_with("unlabelled"))
-        annotated_validation_keys = [k for k in validation_keys if k not in unlabelled_cases]
-        validation_loader = loader(annotated_validation_keys or validation_keys, self.batch_size, patch_size,
+        # (scored on their dense labels after training) have none, and are used only when there is nothing else
+        validation_loader = loader(annotated_validation_keys or self.do_split()[1], self.batch_size, patch_size,
                                    validation_transforms)
         if not annotated_validation_keys:
             validation_loader.has_ignore = False
