@@ -102,7 +102,22 @@ def test_omni_correlation_loss_against_explicit_loops_and_gradcheck():
         norm2 = sum(math.exp(v) for v in logits2)
         total += -sum(math.exp(logits2[j]) / norm2 * math.log(math.exp(logits1[j]) / norm1) for j in range(6))
     assert omni_correlation_loss(r1, r2, memory).item() == pytest.approx(total / 5, rel=1e-9)
-    assert torch.autograd.gradcheck(lambda a, b: omni_correlation_loss(a, b, memory), (r1, r2))
+    assert omni_correlation_loss(r1, r2, memory, rows_per_chunk=2).item() == pytest.approx(total / 5, rel=1e-9)
+    for rows_per_chunk in (None, 2, 1):   # one chunk; uneven chunks; a row at a time
+        assert torch.autograd.gradcheck(lambda a, b: omni_correlation_loss(a, b, memory, rows_per_chunk=rows_per_chunk),
+                                        (r1, r2))
+
+
+def test_omni_correlation_loss_gradients_match_autograd_through_the_plain_formula():
+    torch.manual_seed(1)
+    r1 = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    r2 = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(30, 8, dtype=torch.float64)
+    plain = -(torch.softmax(r2 @ memory.T / 0.1, 1) * torch.log_softmax(r1 @ memory.T / 0.1, 1)).sum(1).mean()
+    expected = torch.autograd.grad(3 * plain, (r1, r2))
+    chunked = torch.autograd.grad(3 * omni_correlation_loss(r1, r2, memory, rows_per_chunk=7), (r1, r2))
+    for got, want in zip(chunked, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_omni_correlation_loss_is_zero_without_voxels_or_memory():

@@ -8,7 +8,17 @@ must match (Eq. 7), with the second network's as the target, as in the authors' 
     L_omni = −(1/n) Σ_i Σ_j softmax(r²_i·Mᵀ/τ)_j · log softmax(r¹_i·Mᵀ/τ)_j
 
 ``τ = 0.1``. The target is not detached (the authors' code lets both networks move); the memory is
-constant. :func:`agreeing_confident_voxels` chooses the voxels: those where both networks predict the
+constant.
+
+With ``n`` up to 12,800 voxels per class and ``m`` = 1,024 memory entries the ``n × m`` correlation
+matrices would be the largest tensors of a 2D training step, and autograd would keep several of them
+for the backward pass. :class:`OmniCorrelationFunction` never holds more than ``rows_per_chunk`` rows of
+them: it computes the loss chunk by chunk and, in the backward pass, recomputes each chunk's
+correlations and applies the closed-form gradients (with ``a = r¹Mᵀ/τ``, ``b = r²Mᵀ/τ``,
+``p = softmax(a)``, ``q = softmax(b)``, ``ℓ_i = −Σ_j q_ij log p_ij``):
+
+    ∂L/∂a_i = (p_i − q_i) / n            ∂L/∂b_i = −q_i ⊙ (log p_i + ℓ_i) / n
+    ∂L/∂r¹_i = (∂L/∂a_i) · M / τ          ∂L/∂r²_i = (∂L/∂b_i) · M / τ :func:`agreeing_confident_voxels` chooses the voxels: those where both networks predict the
 same class, at most ``max_per_class`` per class (12,800 in CAML), the most confident first by the first
 network's probability.
 """
@@ -41,7 +51,7 @@ def agreeing_confident_voxels(first: torch.Tensor, second: torch.Tensor, max_per
 
 
 def omni_correlation_loss(first_embeddings: torch.Tensor, second_embeddings: torch.Tensor, memory: torch.Tensor,
-                          temperature: float = 0.1) -> torch.Tensor:
+                          temperature: float = 0.1, rows_per_chunk: int | None = None) -> torch.Tensor:
     """``L_omni`` (module docstring), a scalar; zero (with gradient) for no voxel or an empty memory.
 
     Args:
@@ -49,6 +59,11 @@ def omni_correlation_loss(first_embeddings: torch.Tensor, second_embeddings: tor
         second_embeddings: ``(n, D)`` the same voxels by the second network's heads (the target).
         memory: ``(m, D)`` labelled-voxel embeddings (every class), without gradient.
         temperature: ``τ``.
+        rows_per_chunk: rows of the correlation matrices computed at once (default: about 2 M entries).
+            Changes memory and speed, not the result.
+
+    Returns:
+        the scalar loss, in float32 at least (float64 for float64 embeddings).
     """
     if first_embeddings.shape != second_embeddings.shape or first_embeddings.dim() != 2:
         raise ValueError(f"expected two (n, D) embedding matrices of one shape, got {tuple(first_embeddings.shape)} "
@@ -57,9 +72,48 @@ def omni_correlation_loss(first_embeddings: torch.Tensor, second_embeddings: tor
         raise ValueError(f"memory must be (m, {first_embeddings.shape[1]}), got {tuple(memory.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if rows_per_chunk is not None and rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
     if len(first_embeddings) == 0 or len(memory) == 0:
         return (first_embeddings.sum() + second_embeddings.sum()) * 0
-    memory = memory.detach().to(first_embeddings.dtype)
-    log_correlation_first = torch.log_softmax(first_embeddings @ memory.T / temperature, dim=1)
-    correlation_second = torch.softmax(second_embeddings @ memory.T / temperature, dim=1)
-    return -(correlation_second * log_correlation_first).sum(dim=1).mean()
+    dtype = torch.promote_types(first_embeddings.dtype, torch.float32)
+    scaled_memory = memory.detach().to(dtype) / temperature
+    return OmniCorrelationFunction.apply(first_embeddings.to(dtype), second_embeddings.to(dtype), scaled_memory,
+                                         rows_per_chunk or max(1, 2 ** 21 // len(memory)))
+
+
+def _correlations(first: torch.Tensor, second: torch.Tensor, scaled_memory: torch.Tensor):
+    """``log p`` and ``q`` (module docstring) for some rows."""
+    return (torch.log_softmax(first @ scaled_memory.T, dim=1), torch.softmax(second @ scaled_memory.T, dim=1))
+
+
+class OmniCorrelationFunction(torch.autograd.Function):
+    """``L_omni`` of ``(n, D)`` embeddings against ``(m, D)`` memory already divided by ``τ``, computed
+    ``rows_per_chunk`` rows at a time with the closed-form gradients of the module docstring (none for the
+    memory). Under CUDA autocast it runs in float32: the softmax over 1,024 sharp logits needs it."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, first, second, scaled_memory, rows_per_chunk: int):
+        per_row = first.new_empty(len(first))
+        for start in range(0, len(first), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            log_p, q = _correlations(first[rows], second[rows], scaled_memory)
+            per_row[rows] = -(q * log_p).sum(dim=1)
+        ctx.save_for_backward(first, second, scaled_memory, per_row)
+        ctx.rows_per_chunk = rows_per_chunk
+        return per_row.mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_loss):
+        first, second, scaled_memory, per_row = ctx.saved_tensors
+        scale = grad_loss / len(first)
+        grad_first, grad_second = torch.empty_like(first), torch.empty_like(second)
+        for start in range(0, len(first), ctx.rows_per_chunk):
+            rows = slice(start, start + ctx.rows_per_chunk)
+            log_p, q = _correlations(first[rows], second[rows], scaled_memory)
+            grad_first[rows] = ((log_p.exp() - q) * scale) @ scaled_memory
+            grad_second[rows] = (-q * (log_p + per_row[rows, None]) * scale) @ scaled_memory
+        return grad_first, grad_second, None, None
