@@ -127,6 +127,33 @@ def test_ema_teacher_follows_the_explicit_average():
     assert not teacher(x).requires_grad
 
 
+class _MeanTeacher(TrainingNetwork):
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
+        self.teacher = EMATeacher(self.inference_network, momentum=0.5)
+
+    def training_forward(self, x):
+        return self.inference_network(x), self.teacher(x)
+
+
+def test_ema_teacher_is_checkpointed_with_the_training_state():
+    torch.manual_seed(0)
+    network = _MeanTeacher().train()
+    with torch.no_grad():
+        network.inference_network[0].weight.add_(1)
+    network(torch.randn(3, 1, 4, 4))
+    network.teacher.update(network.inference_network)
+    state = network.training_state_dict()
+    assert {"teacher.network.0.weight", "teacher.network.1.running_mean"} <= set(state)
+
+    restored = _MeanTeacher()
+    restored.inference_network.load_state_dict(network.inference_network.state_dict())
+    restored.load_training_state_dict(state)
+    for (name, got), (_, want) in zip(restored.teacher.state_dict().items(), network.teacher.state_dict().items()):
+        assert torch.equal(got, want), name
+    assert not torch.equal(restored.teacher.network[0].weight, _MeanTeacher().teacher.network[0].weight)
+
+
 class _TwoHeads(TrainingNetwork):
     def __init__(self):
         super().__init__(nn.Conv2d(1, 2, 1))
