@@ -8,7 +8,9 @@ must match (Eq. 7), with the second network's as the target, as in the authors' 
     L_omni = −(1/n) Σ_i Σ_j softmax(r²_i·Mᵀ/τ)_j · log softmax(r¹_i·Mᵀ/τ)_j
 
 ``τ = 0.1``. The target is not detached (the authors' code lets both networks move); the memory is
-constant.
+constant. :func:`agreeing_confident_voxels` chooses the voxels: those where both networks predict the
+same class, at most ``max_per_class`` per class (12,800 in CAML), the most confident first by the first
+network's probability.
 
 With ``n`` up to 12,800 voxels per class and ``m`` = 1,024 memory entries the ``n × m`` correlation
 matrices would be the largest tensors of a 2D training step, and autograd would keep several of them
@@ -18,9 +20,7 @@ correlations and applies the closed-form gradients (with ``a = r¹Mᵀ/τ``, ``b
 ``p = softmax(a)``, ``q = softmax(b)``, ``ℓ_i = −Σ_j q_ij log p_ij``):
 
     ∂L/∂a_i = (p_i − q_i) / n            ∂L/∂b_i = −q_i ⊙ (log p_i + ℓ_i) / n
-    ∂L/∂r¹_i = (∂L/∂a_i) · M / τ          ∂L/∂r²_i = (∂L/∂b_i) · M / τ :func:`agreeing_confident_voxels` chooses the voxels: those where both networks predict the
-same class, at most ``max_per_class`` per class (12,800 in CAML), the most confident first by the first
-network's probability.
+    ∂L/∂r¹_i = (∂L/∂a_i) · M / τ          ∂L/∂r²_i = (∂L/∂b_i) · M / τ
 """
 from __future__ import annotations
 
