@@ -7,6 +7,9 @@ never be reported as accuracy.
 Conventions (per case and class c, prediction P and reference R as voxel sets):
 
 - Dice = 2|P ∩ R| / (|P| + |R|); ``NaN`` when both are empty (left out of means, as nnU-Net does).
+- BackgroundShare = |P ∖ R_fg| / |R_bg|: the share of the reference's background voxels predicted as
+  class c (``NaN`` when the reference has no background). A class that floods the background far from
+  the anatomy barely moves Dice's denominator on small structures' cases but shows here.
 - HD95 = max(q95(d(∂P, ∂R)), q95(d(∂R, ∂P))), the larger of the two directed 95th percentiles of
   distances (mm, using the voxel spacing) from each surface voxel of one set to the nearest surface
   voxel of the other; surfaces are the voxels of a set with a 6-connected (4 in 2D) neighbour
@@ -34,6 +37,34 @@ def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
     if denominator == 0:
         return float("nan")
     return 2.0 * int(np.logical_and(pred, ref).sum()) / denominator
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int,
+                     valid: np.ndarray | None = None) -> np.ndarray:
+    """Voxel counts ``(num_classes, num_classes)``: row = true class, column = predicted class.
+
+    Args:
+        truth, predicted: integer label maps of one shape, values in ``0 .. num_classes - 1`` where valid.
+        valid: optional boolean mask of the voxels to count (e.g. inside the image).
+    """
+    if truth.shape != predicted.shape:
+        raise ValueError(f"shape mismatch: truth {truth.shape}, predicted {predicted.shape}")
+    if valid is not None:
+        truth, predicted = truth[valid], predicted[valid]
+    truth, predicted = truth.astype(np.int64).ravel(), predicted.astype(np.int64).ravel()
+    for name, values in (("truth", truth), ("predicted", predicted)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} has values outside 0..{num_classes - 1}: {values.min()}..{values.max()}")
+    return np.bincount(truth * num_classes + predicted, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def background_share(pred: np.ndarray, ref_background: np.ndarray) -> float:
+    """Share of the reference's background voxels that ``pred`` (a boolean mask) covers; ``NaN`` without background."""
+    background = int(ref_background.sum())
+    if background == 0:
+        return float("nan")
+    return int(np.logical_and(pred, ref_background).sum()) / background
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:
@@ -76,12 +107,14 @@ def score_segmentation(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
         class_labels: foreground class name to label value.
 
     Returns:
-        ``{class_name: {"Dice": float, "HD95": float}}``.
+        ``{class_name: {"Dice": float, "HD95": float, "BackgroundShare": float}}``.
     """
     if pred.shape != ref.shape:
         raise UserInputError(f"Prediction shape {pred.shape} differs from reference shape {ref.shape}.")
+    background = ref == 0
     return {name: {"Dice": dice_score(pred == value, ref == value),
-                   "HD95": hd95(pred == value, ref == value, spacing)}
+                   "HD95": hd95(pred == value, ref == value, spacing),
+                   "BackgroundShare": background_share(pred == value, background)}
             for name, value in class_labels.items()}
 
 
@@ -121,7 +154,7 @@ def summarise(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
     mean = {}
     for name in class_labels:
         mean[name] = {metric: _nanmean([per_case[c][name][metric] for c in per_case])
-                      for metric in ("Dice", "HD95")}
+                      for metric in ("Dice", "HD95", "BackgroundShare")}
     foreground = {metric: _nanmean([mean[n][metric] for n in class_labels]) for metric in ("Dice", "HD95")}
     return {"mean": mean, "foreground_mean": foreground}
 

@@ -29,3 +29,27 @@ def plot_loss_components(curves: dict[str, list[float]], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, path)
+
+
+def plot_dense_monitor(class_names: list[str], dense_dice: list[list[float]], background_as: list[list[float]],
+                       pseudo_dice: list[list[float]], path: Path) -> None:
+    """Per epoch and class: Dice on dense labels beside nnU-Net's pseudo-Dice (left), and the share of the
+    true background predicted as the class (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, name in enumerate(class_names):
+        colour = f"C{index}"
+        left.plot(range(len(dense_dice)), [d[index] for d in dense_dice], color=colour, label=f"{name} dense")
+        left.plot(range(len(pseudo_dice)), [d[index] for d in pseudo_dice], color=colour, linestyle="--",
+                  label=f"{name} pseudo (nnU-Net)")
+        right.plot(range(len(background_as)), [100 * b[index] for b in background_as], color=colour, label=name)
+    left.set_xlabel("epoch")
+    left.set_ylabel("Dice")
+    left.set_ylim(0, 1)
+    left.set_title("validation Dice: dense labels vs nnU-Net's pseudo-Dice", fontsize=9)
+    left.legend(fontsize=7)
+    right.set_xlabel("epoch")
+    right.set_ylabel("% of true background")
+    right.set_title("true background predicted as each class (dense labels)", fontsize=9)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)

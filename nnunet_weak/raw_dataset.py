@@ -80,6 +80,11 @@ class RawDataset:
         return {k: int(v) for k, v in self.dataset_json["labels"].items()
                 if k not in ("background", "ignore")}
 
+    def training_images(self, case: str) -> list[Path]:
+        """The channel images of a training case in ``imagesTr``, in channel order."""
+        return [self.folder / "imagesTr" / f"{case}_{c:04d}{self.file_ending}"
+                for c in range(len(self.dataset_json["channel_names"]))]
+
     def dense_label_path(self, case: str) -> Path | None:
         """Where the dense label of a training case is, or ``None`` when it has none.
 
@@ -166,17 +171,15 @@ def load_raw_dataset(dataset: int | str | os.PathLike) -> RawDataset:
     training_cases = sorted(f.name[: -len(ending)] for f in labels_tr.iterdir() if f.name.endswith(ending))
     if not training_cases:
         raise UserInputError(f"{labels_tr} holds no '*{ending}' label files.")
-    channels = len(dataset_json["channel_names"])
+    manifest = read_manifest(folder)
+    dataset = RawDataset(folder, dataset_json, training_cases, manifest)
     for case in training_cases:
-        for c in range(channels):
-            image = folder / "imagesTr" / f"{case}_{c:04d}{ending}"
+        for image in dataset.training_images(case):
             if not image.is_file():
                 raise UserInputError(f"Training case '{case}' has a label but no image {image}.")
-
-    manifest = read_manifest(folder)
     if manifest is not None:
         validate_manifest(manifest, folder, training_cases, "ignore" in dataset_json["labels"])
-    return RawDataset(folder, dataset_json, training_cases, manifest)
+    return dataset
 
 
 @dataclass(frozen=True)

@@ -81,22 +81,34 @@ def test_tiles_visit_every_window_pair_once(grid, spacing):
 
 # ---- gated CRF ----------------------------------------------------------------------------------
 
-def explicit_gated_crf(probabilities, image, unannotated, radius, sigma, intensity_sigma, spacing):
+def explicit_min_max(image, inside):
+    """Per sample and channel, rescaled to [0, 1] by the minimum and maximum over the inside positions."""
+    out = torch.empty_like(image)
+    for b in range(image.shape[0]):
+        for c in range(image.shape[1]):
+            values = image[b, c][inside[b]]
+            out[b, c] = (image[b, c] - values.min()) / (values.max() - values.min())
+    return out
+
+
+def explicit_gated_crf(probabilities, image, unannotated, radius, sigma, intensity_sigma, spacing, inside=None):
     batch, _, *shape = probabilities.shape
-    rescaled = min_max_rescaled(image)
-    total = 0.0
+    inside = torch.ones_like(unannotated) if inside is None else inside
+    rescaled = explicit_min_max(image, inside)
+    total, count = 0.0, 0
     for b in range(batch):
         for p in positions(shape):
-            if not unannotated[(b, *p)]:
+            if not unannotated[(b, *p)] or not inside[(b, *p)]:
                 continue
+            count += 1
             for q in positions(shape):
                 g = explicit_window_weight(p, q, radius, sigma, spacing)
-                if g == 0:
+                if g == 0 or not inside[(b, *q)]:
                     continue
                 difference = ((rescaled[(b, slice(None), *p)] - rescaled[(b, slice(None), *q)]) ** 2).sum()
                 kernel = g * torch.exp(-difference / (2 * intensity_sigma ** 2))
                 total = total + kernel * (1 - (probabilities[(b, slice(None), *p)] * probabilities[(b, slice(None), *q)]).sum())
-    return total / unannotated.sum()
+    return total / count
 
 
 @pytest.mark.parametrize("shape, spacing", [((5, 6), (1.0, 1.0)), ((3, 4, 4), (2.0, 1.0, 1.0))])
@@ -109,6 +121,26 @@ def test_gated_crf_matches_explicit_loops(shape, spacing):
     fast = masked_gated_crf_loss(probabilities, image, unannotated, window, intensity_sigma=0.5)
     slow = explicit_gated_crf(probabilities, image, unannotated, 2, 1.5, 0.5, spacing)
     assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("shape, spacing", [((5, 6), (1.0, 1.0)), ((3, 4, 4), (2.0, 1.0, 1.0))])
+def test_gated_crf_inside_the_image_matches_explicit_loops(shape, spacing):
+    torch.manual_seed(2)
+    probabilities = torch.softmax(torch.randn(2, 3, *shape, dtype=torch.float64), 1)
+    image = torch.randn(2, 1, *shape, dtype=torch.float64)
+    unannotated = torch.rand(2, *shape) > 0.3
+    inside = torch.rand(2, *shape) > 0.25
+    image[~inside[:, None]] = 100.0  # padding far outside the image's range must not set the rescaling
+    window = LocalWindow.gaussian(2, 1.5, spacing)
+    fast = masked_gated_crf_loss(probabilities, image, unannotated, window, intensity_sigma=0.5, inside=inside)
+    slow = explicit_gated_crf(probabilities, image, unannotated, 2, 1.5, 0.5, spacing, inside)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+    # what is predicted outside the image does not matter
+    changed = probabilities.movedim(1, -1).clone()
+    changed[~inside] = torch.softmax(torch.randn(int((~inside).sum()), 3, dtype=torch.float64), 1)
+    again = masked_gated_crf_loss(changed.movedim(-1, 1), image, unannotated, window, intensity_sigma=0.5,
+                                  inside=inside)
+    assert again.item() == pytest.approx(fast.item(), rel=1e-12)
 
 
 def test_gated_crf_ignores_annotated_sources_and_gradcheck():
@@ -133,10 +165,12 @@ def test_gated_crf_rejects_mismatched_shapes():
 
 # ---- attentive similarity -------------------------------------------------------------------------
 
-def explicit_attentive_similarity(probabilities, queries, keys, w, b, radius, sigma, spacing):
-    """Eq. 3–5 by loops over positions, with the softmax rows written out."""
+def explicit_attentive_similarity(probabilities, queries, keys, w, b, radius, sigma, spacing, inside=None):
+    """Eq. 3–5 by loops over positions, with the softmax rows written out; pairs with an end outside the
+    image left out, and the mean taken over the positions inside."""
     batch, _, *grid = queries.shape
     cells = positions(grid)
+    inside = torch.ones(batch, *grid, dtype=torch.bool) if inside is None else inside
     total = 0.0
     for s in range(batch):
         logits = {(p, q): (queries[(s, slice(None), *p)] * keys[(s, slice(None), *q)]).sum() for p in cells for q in cells}
@@ -144,14 +178,14 @@ def explicit_attentive_similarity(probabilities, queries, keys, w, b, radius, si
         for p in cells:
             for q in cells:
                 g = explicit_window_weight(p, q, radius, sigma, spacing)
-                if g == 0:
+                if g == 0 or not inside[(s, *p)] or not inside[(s, *q)]:
                     continue
                 a_pq = torch.exp(logits[(p, q)]) / normaliser[p]
                 a_qp = torch.exp(logits[(q, p)]) / normaliser[q]
                 affinity = torch.sigmoid(w * (a_pq + a_qp) + b)
                 similarity = (probabilities[(s, slice(None), *p)] * probabilities[(s, slice(None), *q)]).sum()
                 total = total + affinity * g * (1 - similarity)
-    return total / (len(cells) * batch)
+    return total / inside.sum()
 
 
 def random_attention_inputs(grid, seed=0, channels=4, classes=3, batch=2):
@@ -191,6 +225,30 @@ def test_attentive_similarity_paths_equal_dense_on_larger_grid_with_gradients(ma
     assert fast.item() == pytest.approx(dense.item(), rel=1e-10)
     for a, c in zip(inputs, twins):
         torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_elements", [60, 1 << 20], ids=["tiled", "whole-grid"])
+@pytest.mark.parametrize("grid, spacing", [((4, 5), (1.0, 1.0)), ((2, 3, 3), (2.0, 1.0, 1.0))])
+def test_attentive_similarity_inside_the_image_matches_loops_and_gradients(grid, spacing, max_elements):
+    probabilities, queries, keys, w, b = random_attention_inputs(grid, seed=11)
+    inside = torch.rand(2, *grid, generator=torch.Generator().manual_seed(4)) > 0.3
+    window = LocalWindow.gaussian(2, 1.5, spacing)
+    inputs = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
+    twins = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
+    fast = attentive_similarity_loss(*inputs, window, max_elements=max_elements, inside=inside)
+    dense = dense_attentive_similarity_loss(*twins, window, inside=inside)
+    slow = explicit_attentive_similarity(probabilities, queries, keys, w, b, 2, 1.5, spacing, inside)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+    assert dense.item() == pytest.approx(slow.item(), rel=1e-10)
+    fast.backward()
+    dense.backward()
+    for a, c in zip(inputs, twins):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
+    # nothing outside the image receives a gradient through the prediction
+    outside = ~inside.flatten(1)
+    assert inputs[0].grad.flatten(2).transpose(1, 2)[outside].abs().max() == 0
+    nothing = torch.zeros_like(inside)
+    assert attentive_similarity_loss(probabilities, queries, keys, w, b, window, inside=nothing).item() == 0
 
 
 def test_attentive_similarity_gradcheck_and_resizing():
@@ -342,14 +400,16 @@ def test_trainer_options_parse_and_reject_typos():
         parse_trainer_options("lambda_crf=-1", defaults, "T")
 
 
-def test_attentive_weight_ramps_up_over_the_given_fraction_of_the_epochs():
+@pytest.mark.parametrize("term", ["crf", "attentive"])
+def test_pairwise_weights_ramp_up_over_the_given_fraction_of_the_epochs(term):
     from types import SimpleNamespace
 
     from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer
 
     def weight(epoch, rampup):
-        state = SimpleNamespace(lambda_attentive=0.1, attentive_rampup=rampup, num_epochs=20, current_epoch=epoch)
-        return ScribbleAttentionTrainer.attentive_weight(state)
+        state = SimpleNamespace(**{f"lambda_{term}": 0.1, f"{term}_rampup": rampup}, num_epochs=20,
+                                current_epoch=epoch)
+        return getattr(ScribbleAttentionTrainer, f"{term}_weight")(state)
 
     assert [weight(e, 0.0) for e in (0, 7, 19)] == [0.1, 0.1, 0.1]
     assert weight(0, 0.5) == pytest.approx(0.1 * math.exp(-5))

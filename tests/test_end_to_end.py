@@ -13,7 +13,7 @@ import pytest
 import torch
 
 
-from conftest import BIN, planned_phantom_twins, run_checked
+from conftest import BIN, planned_phantom_twins, probe, run_checked
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,19 @@ def fold_folder(folders, dataset):
 def test_train_continue_validate_predict_score(workspace):
     folders, env = workspace
     train = [BIN / "nnUNetv2_train", "951", "2d", "0", "-tr", "nnUNetWeakTrainer", "-device", "cpu"]
+    env = dict(env, NNUNET_WEAK_SEED="5")
     run_checked(train, env)
     fold = fold_folder(folders, SPARSE)
     assert (fold / "checkpoint_final.pth").is_file()
-    assert json.loads((fold / "nnunet_weak_run.json").read_text())["budget"]["name"] == "smoke"
+    record = json.loads((fold / "nnunet_weak_run.json").read_text())
+    assert record["budget"]["name"] == "smoke" and record["seed"] == 5
+
+    # the dense-label monitor scored every epoch, and drew it
+    logged = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    for key in ("dense_dice_per_class", "dense_background_as_class"):
+        assert len(logged[key]) == 2 and all(len(v) == 3 for v in logged[key])
+    assert all(0 <= v <= 1 for epoch in logged["dense_background_as_class"] for v in epoch)
+    assert (fold / "dense_monitor.png").is_file()
     dense_summary = json.loads((fold / "validation" / "summary_dense.json").read_text())
     assert dense_summary["reference"] == "dense labels"
     val_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text())[0]["val"]
@@ -49,6 +58,10 @@ def test_train_continue_validate_predict_score(workspace):
                              encoding="utf-8", errors="replace")
     assert refused.returncode != 0
     assert "was started with budget 'smoke'" in refused.stdout + refused.stderr
+    refused = subprocess.run(train + ["--c"], env=dict(env, NNUNET_WEAK_SEED="6"), capture_output=True,
+                             encoding="utf-8", errors="replace")
+    assert refused.returncode != 0
+    assert "NNUNET_WEAK_SEED=5" in refused.stdout + refused.stderr
 
     (fold / "validation" / "summary_dense.json").unlink()
     run_checked(train + ["--val"], env)
@@ -63,6 +76,17 @@ def test_train_continue_validate_predict_score(workspace):
     test_summary = json.loads((predictions / "summary_dense.json").read_text())
     assert len(test_summary["metric_per_case"]) == 2
     assert all("labelsTs" in c["reference"] for c in test_summary["metric_per_case"])
+
+
+def test_seed_decides_the_initial_weights(workspace):
+    _, env = workspace
+    env = dict(env, nnUNet_n_proc_DA="0")
+    first, again, other = (probe(dict(env, NNUNET_WEAK_SEED=seed), "initial", "951", "2d", "nnUNetWeakTrainer")
+                           for seed in ("3", "3", "4"))
+    assert first["checksum"] == again["checksum"] != other["checksum"]
+    refused = subprocess.run([BIN / "nnUNetv2_train", "951", "2d", "0", "-tr", "nnUNetWeakTrainer", "-device", "cpu"],
+                             env=dict(env, NNUNET_WEAK_SEED="three"), capture_output=True, encoding="utf-8")
+    assert refused.returncode != 0 and "NNUNET_WEAK_SEED must be a non-negative integer" in refused.stderr
 
 
 def test_compare_reuses_finished_runs(workspace):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.evaluation import dice_score, hd95, score_cases, score_segmentation, surface_voxels
+from nnunet_weak.evaluation import (background_share, confusion_matrix, dice_score, hd95, score_cases,
+                                    score_segmentation, surface_voxels)
 from nnunet_weak.raw_dataset import write_volume
 
 
@@ -105,3 +106,31 @@ def test_score_cases_writes_json_and_refuses_sparse_reference(tmp_path):
                     tmp_path / "x.json", ignore_label=2)
     with pytest.raises(UserInputError, match="does not exist"):
         score_cases({"c": (tmp_path / "missing.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1}, tmp_path / "y.json")
+
+
+def test_confusion_matrix_against_loops():
+    rng = np.random.default_rng(3)
+    truth, predicted = rng.integers(0, 4, (5, 7, 6)), rng.integers(0, 4, (5, 7, 6))
+    valid = rng.random(truth.shape) > 0.3
+    expected = np.zeros((4, 4), int)
+    for index in np.ndindex(truth.shape):
+        if valid[index]:
+            expected[truth[index], predicted[index]] += 1
+    np.testing.assert_array_equal(confusion_matrix(truth, predicted, 4, valid=valid), expected)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        confusion_matrix(truth, predicted + 1, 4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        confusion_matrix(truth, predicted[:1], 4)
+
+
+def test_background_share_counts_background_predicted_as_each_class():
+    ref = np.zeros((4, 5), int)
+    ref[1:3, 1:3] = 1  # 4 foreground voxels, 16 background
+    pred = np.zeros_like(ref)
+    pred[0, :] = 2      # 5 background voxels called class 2
+    pred[1:3, 1:3] = 1
+    pred[3, 0] = 1      # 1 background voxel called class 1
+    scores = score_segmentation(pred, ref, (1.0, 1.0), {"a": 1, "b": 2})
+    assert scores["a"]["BackgroundShare"] == pytest.approx(1 / 16)
+    assert scores["b"]["BackgroundShare"] == pytest.approx(5 / 16)
+    assert math.isnan(background_share(pred == 1, np.zeros_like(ref, bool)))

@@ -8,12 +8,14 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 from nnunet_weak.trainers.nnUNetWeakTrainer import nnUNetWeakTrainer, nnUNetWeakTrainer_nearestDSTargets
 from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer
+from nnunet_weak.transforms.image_extent import AppendImageExtentChannel, split_image_extent
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
 from conftest import BIN, planned_phantom_twins, probe, run_checked, subprocess_env
@@ -37,8 +39,8 @@ def test_training_steps_use_every_term(workspace, configuration):
     for step in result["losses"]:
         assert all(np.isfinite(v) for v in step.values())
         assert step["partial_ce_dice"] != 0 and step["gated_crf"] > 0 and step["attentive_similarity"] > 0
-        # epoch 0 of the ramp-up of λ_att
-        assert step["loss"] == pytest.approx(step["partial_ce_dice"] + 0.1 * step["gated_crf"]
+        # epoch 0 of the ramp-ups of λ_crf and λ_att
+        assert step["loss"] == pytest.approx(step["partial_ce_dice"] + 0.1 * math.exp(-5) * step["gated_crf"]
                                              + 0.1 * math.exp(-5) * step["attentive_similarity"], rel=1e-5)
     gradients = result["parameters"]
     assert gradients["encoder.stages.2.block.affinity_bias"][1] > 0
@@ -93,7 +95,8 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
     run_checked(train, env)
     fold = folders["nnUNet_results"] / SPARSE / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
     record = json.loads((fold / "nnunet_weak_run.json").read_text())
-    assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1, "attentive_rampup": 0.5}
+    assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1, "crf_rampup": 0.5,
+                                 "attentive_rampup": 0.5}
     assert (fold / "loss_components.png").stat().st_size > 0
     assert (fold / "validation" / "summary_dense.json").is_file()
 
@@ -133,3 +136,29 @@ def test_sparse_datasets_get_sparse_preserving_targets_and_padding_rule():
 
     assert outside_image_value(nnUNetWeakTrainer) == 0  # nnU-Net's: annotated background
     assert outside_image_value(ScribbleAttentionTrainer) == 4  # un-annotated
+
+
+def test_image_extent_travels_with_the_segmentation_through_augmentation():
+    torch.manual_seed(0)
+    transforms = ScribbleAttentionTrainer.get_training_transforms(
+        (32, 32), (-math.pi, math.pi), [[1, 1], [0.5, 0.5]], (0, 1), False, foreground_labels=[1, 2, 3],
+        ignore_label=4)
+    assert isinstance(transforms.transforms[0], AppendImageExtentChannel)
+    image = torch.rand(1, 40, 40)
+    segmentation = torch.full((1, 40, 40), 4, dtype=torch.int16)
+    segmentation[0, 10:30, 15:25] = 2  # a scribble
+    segmentation[0, :, :12] = -1       # nnU-Net's padding
+    seen_outside = seen_inside = 0
+    for _ in range(20):
+        result = transforms(image=image.clone(), segmentation=segmentation.clone())
+        target = [t[None] for t in result["segmentation"]]
+        assert [tuple(t.shape) for t in target] == [(1, 2, 32, 32), (1, 2, 16, 16)]
+        labels, inside = split_image_extent(target)
+        assert [tuple(t.shape) for t in labels] == [(1, 1, 32, 32), (1, 1, 16, 16)]
+        assert set(target[0][:, 1].unique().tolist()) <= {1, 4}
+        # outside the image is un-annotated for pCE, and every annotated voxel is inside the image
+        assert (labels[0][:, 0][~inside] == 4).all()
+        assert inside[labels[0][:, 0] != 4].all()
+        seen_outside += int((~inside).sum())
+        seen_inside += int(inside.sum())
+    assert seen_outside > 0 and seen_inside > 0

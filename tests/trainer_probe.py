@@ -8,6 +8,8 @@ from the environment once, when ``nnunetv2.paths`` is imported. Modes:
   last gradient.
 - ``resume DATASET CONFIG TRAINER N``: N steps, a checkpoint, a fresh trainer loaded from it; whether
   the two agree on every parameter and optimiser state, and on one more step on the same batch.
+- ``initial DATASET CONFIG TRAINER``: a trainer built from a random global state (as ``nnUNetv2_train``
+  would be); a checksum of its initial weights, which ``NNUNET_WEAK_SEED`` alone must decide.
 - ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
   does, one step each on different batches; whether every parameter and buffer ended identical on
   both ranks, and each rank's labelled mask.
@@ -94,6 +96,14 @@ def resume(dataset, configuration, trainer_name, count):
                       "keys": [k for k in first.network.state_dict() if "block" in k]}))
 
 
+def initial(dataset, configuration, trainer_name):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    seeded(int.from_bytes(os.urandom(4), "little"))
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, "nnUNetPlans", device=torch.device("cpu"))
+    trainer.initialize()
+    print(json.dumps({"checksum": float(sum(p.detach().double().sum() for p in trainer.network.parameters()))}))
+
+
 def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -152,4 +162,4 @@ def ddp(dataset, configuration, trainer_name):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, *arguments = sys.argv[1:]
-    {"steps": steps, "resume": resume, "ddp": ddp}[mode](*arguments)
+    {"steps": steps, "resume": resume, "initial": initial, "ddp": ddp}[mode](*arguments)

@@ -30,7 +30,7 @@ Ablations (same everything else): ``ScribbleAttentionTrainer_noCRF`` (λ_crf = 0
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_weak.losses.attentive_similarity import attentive_similarity_loss
+from nnunet_weak.losses.attentive_similarity import attentive_similarity_loss, resize_to_grid
 from nnunet_weak.losses.gated_crf import masked_gated_crf_loss
 from nnunet_weak.losses.local_window import LocalWindow
 from nnunet_weak.networks.encoder_stages import (attach_after_encoder_stage, attached_blocks,
@@ -50,12 +50,14 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
     # pCE's mean while L_crf pulls towards one class everywhere; the network collapsed to background
     # within one epoch (measured). pCE here is over the drawn scribbles only, as in the paper.
     outside_image_label = "ignore"
+    # the CRF and L_att couple voxels inside the image only (see masked_gated_crf_loss)
+    marks_image_extent = True
     window_radius = 5
     window_sigma = 6.0
     intensity_sigma = 0.1
     # attentive_rampup 0.5 (the paper: none) measured on ACDC scribbles at 20x50: mean Dice 0.746 against
     # 0.537 and 0.604 without it (README)
-    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1, "attentive_rampup": 0.5}
+    tunable_options = {"lambda_crf": 0.1, "lambda_attentive": 0.1, "crf_rampup": 0.5, "attentive_rampup": 0.5}
     training_loss_components = ("partial_ce_dice", "gated_crf", "attentive_similarity")
 
     @classmethod
@@ -78,9 +80,10 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
         if self.label_manager.ignore_label is None:
             self.print_to_log_file("WARNING: this dataset has no ignore label, so every voxel is annotated and the "
                                    "gated CRF term is zero: ScribbleAttentionTrainer is meant for scribble datasets.")
-        if self.attentive_rampup > 1:
-            raise RuntimeError(f"attentive_rampup is the fraction of the epochs over which lambda_attentive ramps up, "
-                               f"between 0 and 1; got {self.attentive_rampup} in NNUNET_WEAK_TRAINER_OPTIONS.")
+        for name, weight in (("crf_rampup", "lambda_crf"), ("attentive_rampup", "lambda_attentive")):
+            if getattr(self, name) > 1:
+                raise RuntimeError(f"{name} is the fraction of the epochs over which {weight} ramps up, between 0 "
+                                   f"and 1; got {getattr(self, name)} in NNUNET_WEAK_TRAINER_OPTIONS.")
         spacing = [float(s) for s in self.configuration_manager.spacing]
         self.crf_window = LocalWindow.gaussian(self.window_radius, self.window_sigma, spacing)
         self.attention_block, self.attention_window = None, None
@@ -97,11 +100,16 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
                 self.attention_block.affinity_weight.requires_grad_(False)
                 self.attention_block.affinity_bias.requires_grad_(False)
 
+    def crf_weight(self) -> float:
+        """``λ_crf`` at the current epoch, ramped up over the first ``crf_rampup`` of the epochs."""
+        return self.lambda_crf * sigmoid_rampup(self.current_epoch, self.crf_rampup * self.num_epochs)
+
     def attentive_weight(self) -> float:
         """``λ_att`` at the current epoch, ramped up over the first ``attentive_rampup`` of the epochs."""
         return self.lambda_attentive * sigmoid_rampup(self.current_epoch, self.attentive_rampup * self.num_epochs)
 
     def on_epoch_end(self):
+        self.print_to_log_file(f"gated CRF weight {self.crf_weight():.4g}")
         if self.attention_block is not None and self.lambda_attentive > 0:
             # L_att falls to zero when b runs to -inf (K -> 0 everywhere): the log shows whether it did
             self.print_to_log_file(f"attentive similarity weight {self.attentive_weight():.4g}, affinity "
@@ -109,7 +117,7 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
                                    f"b {self.attention_block.affinity_bias.item():.4g}")
         super().on_epoch_end()
 
-    def compute_training_loss(self, data, target, output):
+    def compute_training_loss(self, data, target, output, inside_image):
         logits = output[0] if isinstance(output, (list, tuple)) else output
         labels = target[0] if isinstance(target, list) else target
         partial_ce_dice = self.loss(output, target)
@@ -118,13 +126,18 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
         gated_crf = zero
         if self.lambda_crf > 0 and self.label_manager.ignore_label is not None:
             unannotated = labels[:, 0] == self.label_manager.ignore_label
-            gated_crf = masked_gated_crf_loss(probabilities, data, unannotated, self.crf_window, self.intensity_sigma)
+            gated_crf = masked_gated_crf_loss(probabilities, data, unannotated, self.crf_window, self.intensity_sigma,
+                                              inside=inside_image)
         attentive = zero
         if self.attention_block is not None and self.lambda_attentive > 0:
             block = self.attention_block
+            grid = tuple(block.last_queries.shape[2:])
+            # a grid position counts as inside when its whole block of voxels is
+            inside_grid = resize_to_grid(inside_image[:, None].float(), grid)[:, 0] > 1 - 1e-6
             attentive = attentive_similarity_loss(probabilities, block.last_queries, block.last_keys,
-                                                  block.affinity_weight, block.affinity_bias, self.attention_window)
-        total = partial_ce_dice + self.lambda_crf * gated_crf + self.attentive_weight() * attentive
+                                                  block.affinity_weight, block.affinity_bias, self.attention_window,
+                                                  inside=inside_grid)
+        total = partial_ce_dice + self.crf_weight() * gated_crf + self.attentive_weight() * attentive
         return total, {"partial_ce_dice": partial_ce_dice, "gated_crf": gated_crf, "attentive_similarity": attentive}
 
 
@@ -145,3 +158,9 @@ class ScribbleAttentionTrainer_noAttentionBlock(ScribbleAttentionTrainer):
 
     use_attention_block = False
     tunable_options = {**ScribbleAttentionTrainer.tunable_options, "lambda_attentive": 0.0}
+
+
+class ScribbleAttentionTrainer_outsideBackground(ScribbleAttentionTrainer):
+    """Voxels outside the image are annotated background in pCE, as in nnU-Net and the partial-loss baseline."""
+
+    outside_image_label = "background"

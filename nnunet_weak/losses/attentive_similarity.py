@@ -4,11 +4,13 @@ From the attention logits of the self-attention block, ``A_raw = Q Kᵀ`` (no 1/
 
     A = softmax_rows(Q Kᵀ)                              (Eq. 3)
     K_att = sigmoid(w · (A + Aᵀ) + b)                   (Eq. 4)  symmetric, learnable scalars w, b
-    L_att = Σ_b Σ_{i≠j} K_att,ij · G_ij · (1 - ⟨y_i, y_j⟩) / (N · B)        (Eq. 5)
+    L_att = Σ_b Σ_{i≠j} K_att,ij · G_ij · v_i v_j · (1 - ⟨y_i, y_j⟩) / Σ_b Σ_i v_i        (Eq. 5)
 
 with ``y`` the soft-max prediction resized (area interpolation) to the ``N`` positions of the
-attention grid and ``G`` a Gaussian window (radius 5, σ 6, zero diagonal). Gradients reach ``y``,
-``Q``, ``K`` and ``w, b``.
+attention grid and ``G`` a Gaussian window (radius 5, σ 6, zero diagonal). ``v_i`` is 1 for a grid
+position inside the image and 0 for one in nnU-Net's padding or augmentation border (deviation from
+the paper, whose whole resized slices have none; without it every ``v_i`` is 1 and the denominator
+is ``N · B``, as in Eq. 5). Gradients reach ``y``, ``Q``, ``K`` and ``w, b``.
 
 Because of ``G`` only the pairs inside the window matter, plus each row's softmax normaliser
 ``log Z_i = logsumexp_j(q_i · k_j)``. :func:`attentive_similarity_loss` computes ``log Z`` in row
@@ -98,7 +100,7 @@ class _TiledAttentiveEnergy(torch.autograd.Function):
     """``E = Σ_b Σ_(i,j in window) K_ij G_ij (1 - ⟨y_i, y_j⟩)`` a tile at a time, backward written out.
 
     Inputs: ``q``, ``k`` ``(B, N, C)``, ``log Z`` ``(B, N)``, ``y`` ``(B, N, L)``, scalars ``w``, ``b``,
-    the tiles. For ``i`` in a tile and ``j`` in its band, ``A_ij = exp(q_i·k_j - log Z_i)`` and
+    ``v`` ``(B, N)`` (1 inside the image), the tiles; ``G_ij`` below stands for ``G_ij v_i v_j``. For ``i`` in a tile and ``j`` in its band, ``A_ij = exp(q_i·k_j - log Z_i)`` and
     ``A_ji = exp(q_j·k_i - log Z_j)``. With ``E'_ij = G_ij (1 - ⟨y_i, y_j⟩) K_ij (1 - K_ij)`` and
     ``H = w E'``: ``∂E/∂w = Σ E' (A_ij + A_ji)``, ``∂E/∂b = Σ E'``; ``H ⊙ A_ij`` is the gradient of the
     logit ``q_i·k_j`` (and ``-Σ_j`` of it that of ``log Z_i``), ``H ⊙ A_ji`` that of ``q_j·k_i`` (and of
@@ -107,33 +109,33 @@ class _TiledAttentiveEnergy(torch.autograd.Function):
     """
 
     @staticmethod
-    def _tile_matrices(tile: WindowTile, q, k, log_z, y, w, b):
+    def _tile_matrices(tile: WindowTile, q, k, log_z, y, w, b, inside):
         attention_ij = torch.exp(tile.pair_products(q, k) - tile.own_values(log_z))
         attention_ji = torch.exp(tile.pair_products(k, q) - tile.band_values(log_z))
         symmetric = attention_ij + attention_ji
         affinity = torch.sigmoid(w * symmetric + b)
-        gated = affinity * tile.weights()
+        gated = affinity * tile.weights() * tile.own_values(inside) * tile.band_values(inside)
         dissimilarity = 1 - tile.pair_products(y, y)
         return attention_ij, attention_ji, symmetric, affinity, gated, dissimilarity
 
     @staticmethod
-    def forward(ctx, q, k, log_z, y, w, b, tiles):
-        ctx.save_for_backward(q, k, log_z, y, w, b)
+    def forward(ctx, q, k, log_z, y, w, b, inside, tiles):
+        ctx.save_for_backward(q, k, log_z, y, w, b, inside)
         ctx.tiles = tiles
         total = q.new_zeros(())
         for tile in tiles:
-            *_, gated, dissimilarity = _TiledAttentiveEnergy._tile_matrices(tile, q, k, log_z, y, w, b)
+            *_, gated, dissimilarity = _TiledAttentiveEnergy._tile_matrices(tile, q, k, log_z, y, w, b, inside)
             total += (gated * dissimilarity).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        q, k, log_z, y, w, b = ctx.saved_tensors
+        q, k, log_z, y, w, b, inside = ctx.saved_tensors
         grad_q, grad_k, grad_log_z, grad_y = (torch.zeros_like(t) for t in (q, k, log_z, y))
         grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
         for tile in ctx.tiles:
             attention_ij, attention_ji, symmetric, affinity, gated, dissimilarity = \
-                _TiledAttentiveEnergy._tile_matrices(tile, q, k, log_z, y, w, b)
+                _TiledAttentiveEnergy._tile_matrices(tile, q, k, log_z, y, w, b, inside)
             own, band = tile.positions, tile.band
             grad_z = (1 - affinity).mul_(gated).mul_(dissimilarity)
             grad_w += (grad_z * symmetric).sum()
@@ -149,13 +151,14 @@ class _TiledAttentiveEnergy(torch.autograd.Function):
             grad_y.index_add_(1, own, -(gated @ y[:, band]))
             grad_y.index_add_(1, band, -(gated.transpose(1, 2) @ y[:, own]))
         return (grad_q * grad_output, grad_k * grad_output, grad_log_z * grad_output, grad_y * grad_output,
-                grad_w * grad_output, grad_b * grad_output, None)
+                grad_w * grad_output, grad_b * grad_output, None, None)
 
 
 class _WholeGridAttentiveEnergy(torch.autograd.Function):
     """``E = Σ_b Σ_ij K_ij G_ij (1 - ⟨y_i, y_j⟩)`` over whole grids, one sample at a time, backward written out.
 
-    Inputs: ``y`` ``(B, N, L)``, ``q``, ``k`` ``(B, N, C)``, scalars ``w``, ``b``, ``G`` ``(N, N)``.
+    Inputs: ``y`` ``(B, N, L)``, ``q``, ``k`` ``(B, N, C)``, scalars ``w``, ``b``, ``G`` ``(N, N)``, ``v``
+    ``(B, N)`` (1 inside the image); ``G`` below stands for one sample's ``G ⊙ v vᵀ``.
     With ``M = G ⊙ (1 - y yᵀ)``, ``S = A + Aᵀ`` and ``E' = M ⊙ K ⊙ (1 - K)`` (symmetric, as ``G``, ``M``
     and ``K`` are): ``∂E/∂w = Σ E' ⊙ S``, ``∂E/∂b = Σ E'``, ``∂E/∂A = 2w E'``, through the row soft-max
     ``∂E/∂(qkᵀ) = A ⊙ (∂E/∂A - rowsum(A ⊙ ∂E/∂A))``, and ``∂E/∂y = -2 (K ⊙ G) y``. Autograd would keep a
@@ -175,23 +178,29 @@ class _WholeGridAttentiveEnergy(torch.autograd.Function):
         return torch.mm(y, y.transpose(0, 1)).neg_().add_(1)
 
     @staticmethod
-    def forward(ctx, y, q, k, w, b, gaussian):
-        ctx.save_for_backward(y, q, k, w, b, gaussian)
+    def _sample_window(gaussian, inside_sample):
+        """``G ⊙ v vᵀ`` of one sample."""
+        return gaussian * inside_sample[:, None] * inside_sample[None, :]
+
+    @staticmethod
+    def forward(ctx, y, q, k, w, b, gaussian, inside):
+        ctx.save_for_backward(y, q, k, w, b, gaussian, inside)
         total = y.new_zeros(())
         for s in range(y.shape[0]):
             affinity = _WholeGridAttentiveEnergy._sample_matrices(q[s], k[s], w, b)[2]
-            total += affinity.mul_(gaussian).mul_(_WholeGridAttentiveEnergy._dissimilarity(y[s])).sum()
+            window = _WholeGridAttentiveEnergy._sample_window(gaussian, inside[s])
+            total += affinity.mul_(window).mul_(_WholeGridAttentiveEnergy._dissimilarity(y[s])).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        y, q, k, w, b, gaussian = ctx.saved_tensors
+        y, q, k, w, b, gaussian, inside = ctx.saved_tensors
         grad_y, grad_q, grad_k = torch.zeros_like(y), torch.zeros_like(q), torch.zeros_like(k)
         grad_w, grad_b = torch.zeros_like(w), torch.zeros_like(b)
         # in place where a matrix is no longer needed: fresh N×N buffers are what costs time on the CPU
         for s in range(y.shape[0]):
             attention, symmetric, affinity = _WholeGridAttentiveEnergy._sample_matrices(q[s], k[s], w, b)
-            gated = affinity * gaussian
+            gated = affinity * _WholeGridAttentiveEnergy._sample_window(gaussian, inside[s])
             grad_y[s] = gated @ y[s]
             grad_z = affinity.neg_().add_(1).mul_(gated).mul_(_WholeGridAttentiveEnergy._dissimilarity(y[s]))
             grad_w += grad_z.flatten() @ symmetric.flatten()
@@ -202,12 +211,13 @@ class _WholeGridAttentiveEnergy(torch.autograd.Function):
             grad_q[s] = grad_logits @ k[s]
             grad_k[s] = grad_logits.transpose(0, 1) @ q[s]
         return (grad_y * (-2 * grad_output), grad_q * grad_output, grad_k * grad_output, grad_w * grad_output,
-                grad_b * grad_output, None)
+                grad_b * grad_output, None, None)
 
 
 def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                               affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
-                              window: LocalWindow, max_elements: float = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
+                              window: LocalWindow, max_elements: float = DEFAULT_TILE_ELEMENTS,
+                              inside: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 5, with memory bounded by ``max_elements`` per block (linear in the number of positions on large grids).
 
     Args:
@@ -218,29 +228,39 @@ def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor
         max_elements: bound on the elements of one ``B × tile × band`` block. When one sample's
             ``N × N`` matrix fits in it (2D grids), the whole grid is taken one sample at a time
             (:class:`_WholeGridAttentiveEnergy`): cheaper, and its memory is a few such matrices.
+        inside: ``(B, *grid)`` bool, True for grid positions inside the image (``None``: all). Pairs with an
+            end outside contribute nothing, and outside positions are not counted.
 
     Returns:
-        the scalar loss, a mean over positions and batch (``/(N·B)``).
+        the scalar loss, a mean over the positions inside the image of every sample (``/(N·B)`` without
+        ``inside``; 0 when no position is inside).
     """
     _check_inputs(probabilities, queries, keys, window)
     batch, _, *grid = queries.shape
+    if inside is not None and tuple(inside.shape) != (batch, *grid):
+        raise ValueError(f"inside must be (B, *grid) = {(batch, *grid)}, got {tuple(inside.shape)}")
     queries, keys = at_least_single_precision(queries), at_least_single_precision(keys)
     y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid))
+    valid = (torch.ones((batch, *grid), dtype=y.dtype, device=y.device) if inside is None
+             else inside.to(y.dtype)).flatten(1)
+    count = valid.sum()
+    if count == 0:
+        return (probabilities.sum() + queries.sum() + keys.sum() + affinity_weight + affinity_bias) * 0
     if len(window_tiles(window, tuple(grid), 1, max_elements)) == 1:
         flat = [t.flatten(2).transpose(1, 2) for t in (y, queries, keys)]
         gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
-        total = _WholeGridAttentiveEnergy.apply(*flat, affinity_weight, affinity_bias, gaussian)
-        return total / (flat[0].shape[1] * batch)
+        total = _WholeGridAttentiveEnergy.apply(*flat, affinity_weight, affinity_bias, gaussian, valid)
+        return total / count
     log_z = attention_log_normaliser(queries, keys, max_elements).flatten(1)
     flat = [t.flatten(2).transpose(1, 2) for t in (queries, keys, y)]
     tiles = window_tiles(window, tuple(grid), batch, max_elements, y.device, y.dtype)
-    total = _TiledAttentiveEnergy.apply(*flat[:2], log_z, flat[2], affinity_weight, affinity_bias, tiles)
-    return total / (log_z.shape[1] * batch)
+    total = _TiledAttentiveEnergy.apply(*flat[:2], log_z, flat[2], affinity_weight, affinity_bias, valid, tiles)
+    return total / count
 
 
 def dense_attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                                     affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
-                                    window: LocalWindow) -> torch.Tensor:
+                                    window: LocalWindow, inside: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 3–5 with the ``N × N`` matrices materialised (the released code's formulation).
 
     Same arguments and result as :func:`attentive_similarity_loss`; memory quadratic in ``N``.
@@ -248,10 +268,11 @@ def dense_attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.
     _check_inputs(probabilities, queries, keys, window)
     batch, _, *grid = queries.shape
     y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid)).flatten(2).transpose(1, 2)
+    valid = torch.ones(y.shape[:2], dtype=y.dtype) if inside is None else inside.flatten(1).to(y.dtype)
     affinity = attentive_affinity_matrix(queries, keys, affinity_weight, affinity_bias)
     dissimilarity = 1 - y @ y.transpose(1, 2)
-    gaussian = window_matrix(window, tuple(grid), y.device, y.dtype)
-    return (affinity * gaussian * dissimilarity).sum() / (y.shape[1] * batch)
+    gaussian = window_matrix(window, tuple(grid), y.device, y.dtype) * valid[:, :, None] * valid[:, None, :]
+    return (affinity * gaussian * dissimilarity).sum() / valid.sum()
 
 
 def attentive_affinity_matrix(queries: torch.Tensor, keys: torch.Tensor, affinity_weight: torch.Tensor,

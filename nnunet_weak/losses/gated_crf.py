@@ -6,9 +6,13 @@ For every *un-annotated* position ``i`` and every neighbour ``j`` inside a box w
     L_crf = Σ_i m_i Σ_j k_ij (1 - ⟨y_i, y_j⟩) / Σ_i m_i
 
 ``m_i = 1`` where position ``i`` carries no annotation: annotated positions receive no CRF energy
-(their label comes from the partial cross-entropy), but they still act as neighbours. ``I`` is the
-network input with each channel rescaled to [0, 1] per sample (min–max), the range that σ_I = 0.1
-refers to in the authors' code; nnU-Net's own normalisation (z-scores for MRI) would make the
+(their label comes from the partial cross-entropy), but they still act as neighbours. Positions
+outside the image (nnU-Net's padding and augmentation borders, ``inside`` False) are neither: the
+authors train on whole resized slices, which have none, and on z-scored MRI the padding value is the
+mean intensity, which on ACDC is the myocardium's, so a CRF through padding ties tissue of that
+intensity to whatever is predicted in the padding. ``I`` is the network input with each channel
+rescaled to [0, 1] per sample (min–max over the positions inside the image), the range that
+σ_I = 0.1 refers to in the authors' code; nnU-Net's own normalisation (z-scores for MRI) would make the
 intensity kernel ten times narrower. Positions are in voxels of the finest axis; with anisotropic
 3D spacing the window and the distance are physical (``nnunet_weak.losses.local_window``).
 
@@ -22,24 +26,33 @@ import torch
 from nnunet_weak.losses.local_window import LocalWindow, at_least_single_precision, pair_slices
 
 
-def min_max_rescaled(image: torch.Tensor) -> torch.Tensor:
-    """Each channel of each sample of ``(B, C, *spatial)`` rescaled to [0, 1] (constant channels → 0)."""
+def min_max_rescaled(image: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Each channel of each sample of ``(B, C, *spatial)`` rescaled to [0, 1] (constant channels → 0), with the
+    minimum and maximum taken over the positions where ``inside`` ``(B, *spatial)`` is True (all if ``None``;
+    a sample without such position keeps its whole range)."""
     flat = image.flatten(2)
-    low = flat.min(-1, keepdim=True).values
-    span = (flat.max(-1, keepdim=True).values - low).clamp_min(1e-8)
+    if inside is None:
+        low, high = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
+    else:
+        mask = inside.flatten(1)[:, None]
+        mask = mask | ~mask.any(-1, keepdim=True)
+        low = flat.masked_fill(~mask, torch.inf).min(-1, keepdim=True).values
+        high = flat.masked_fill(~mask, -torch.inf).max(-1, keepdim=True).values
+    span = (high - low).clamp_min(1e-8)
     return ((flat - low) / span).reshape(image.shape)
 
 
-def _pairs(window: LocalWindow, spatial_shape, image, unannotated, inverse_two_sigma2):
+def _pairs(window: LocalWindow, spatial_shape, image, unannotated, inside, inverse_two_sigma2):
     """For one offset ``d`` of each ``±d`` pair: the slices of ``i`` and ``j = i + d`` and the pair weight
-    ``k_ij (m_i + m_j)`` (the pair counts from each of its un-annotated ends), ``(B, *overlap)``."""
+    ``k_ij (m_i + m_j) v_i v_j`` (the pair counts from each of its un-annotated ends, and only when both ends
+    are inside the image), ``(B, *overlap)``."""
     for offset, weight in zip(window.offsets, window.weights):
         if next(o for o in offset if o) < 0:
             continue
         first, second = pair_slices(spatial_shape, offset)
         i, j = (slice(None), slice(None)) + first, (slice(None), slice(None)) + second
         kernel = weight * torch.exp(-((image[i] - image[j]) ** 2).sum(1) * inverse_two_sigma2)
-        yield i, j, kernel * (unannotated[i[1:]] + unannotated[j[1:]])
+        yield i, j, kernel * (unannotated[i[1:]] + unannotated[j[1:]]) * inside[i[1:]] * inside[j[1:]]
 
 
 class _MaskedGatedCRFEnergy(torch.autograd.Function):
@@ -51,28 +64,30 @@ class _MaskedGatedCRFEnergy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, probabilities, image, unannotated, window, inverse_two_sigma2):
-        ctx.save_for_backward(probabilities, image, unannotated)
+    def forward(ctx, probabilities, image, unannotated, inside, window, inverse_two_sigma2):
+        ctx.save_for_backward(probabilities, image, unannotated, inside)
         ctx.window, ctx.inverse_two_sigma2 = window, inverse_two_sigma2
         total = probabilities.new_zeros(())
-        for i, j, weight in _pairs(window, probabilities.shape[2:], image, unannotated, inverse_two_sigma2):
+        for i, j, weight in _pairs(window, probabilities.shape[2:], image, unannotated, inside, inverse_two_sigma2):
             total += (weight * (1 - (probabilities[i] * probabilities[j]).sum(1))).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        probabilities, image, unannotated = ctx.saved_tensors
+        probabilities, image, unannotated, inside = ctx.saved_tensors
         grad = torch.zeros_like(probabilities)
-        for i, j, weight in _pairs(ctx.window, probabilities.shape[2:], image, unannotated, ctx.inverse_two_sigma2):
+        for i, j, weight in _pairs(ctx.window, probabilities.shape[2:], image, unannotated, inside,
+                                   ctx.inverse_two_sigma2):
             weight = weight.unsqueeze(1)
             grad[i] -= weight * probabilities[j]
             grad[j] -= weight * probabilities[i]
-        return grad * grad_output, None, None, None, None
+        return grad * grad_output, None, None, None, None, None
 
 
 def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unannotated: torch.Tensor,
-                          window: LocalWindow, intensity_sigma: float = 0.1) -> torch.Tensor:
-    """Eq. 6: the gated CRF energy of the un-annotated positions, per un-annotated position.
+                          window: LocalWindow, intensity_sigma: float = 0.1,
+                          inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 6: the gated CRF energy of the un-annotated positions inside the image, per such position.
 
     Args:
         probabilities: ``(B, L, *spatial)`` soft-max prediction.
@@ -80,9 +95,12 @@ def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unan
         unannotated: ``(B, *spatial)`` bool, True where the label is the ignore label.
         window: spatial window and Gaussian (radius 5, σ_xy 6 in the paper).
         intensity_sigma: σ_I of the intensity kernel, on the [0, 1] image.
+        inside: ``(B, *spatial)`` bool, True inside the image (``None``: everywhere). Pairs with an end
+            outside contribute nothing, and outside positions are not counted.
 
     Returns:
-        scalar: total energy over the batch divided by the number of un-annotated positions (0 if none).
+        scalar: total energy over the batch divided by the number of un-annotated positions inside the
+        image (0 if none).
     """
     if probabilities.shape[0] != image.shape[0] or probabilities.shape[2:] != image.shape[2:]:
         raise ValueError(f"probabilities {tuple(probabilities.shape)} and image {tuple(image.shape)} must share "
@@ -92,10 +110,14 @@ def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unan
                          f"got {tuple(unannotated.shape)}")
     if len(window.radii) != probabilities.ndim - 2:
         raise ValueError(f"the window is {len(window.radii)}D but the prediction is {probabilities.ndim - 2}D")
+    if inside is not None and inside.shape != unannotated.shape:
+        raise ValueError(f"inside must be (B, *spatial) = {tuple(unannotated.shape)}, got {tuple(inside.shape)}")
     probabilities = at_least_single_precision(probabilities)
-    gate = unannotated.to(probabilities.dtype)
+    valid = torch.ones_like(unannotated, dtype=probabilities.dtype) if inside is None else inside.to(probabilities.dtype)
+    gate = unannotated.to(probabilities.dtype) * valid
     count = gate.sum()
     if count == 0:
         return probabilities.sum() * 0
-    rescaled = min_max_rescaled(at_least_single_precision(image.detach()))
-    return _MaskedGatedCRFEnergy.apply(probabilities, rescaled, gate, window, 1.0 / (2 * intensity_sigma ** 2)) / count
+    rescaled = min_max_rescaled(at_least_single_precision(image.detach()), inside)
+    return _MaskedGatedCRFEnergy.apply(probabilities, rescaled, gate, valid, window,
+                                       1.0 / (2 * intensity_sigma ** 2)) / count

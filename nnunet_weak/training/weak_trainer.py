@@ -18,9 +18,21 @@
    (``nnunet_weak.transforms.sparse_downsampling``) instead of nnU-Net's nearest-neighbour
    down-sampling, which erases thin scribbles; ``nnUNetWeakTrainer_nearestDSTargets`` keeps nnU-Net's.
    Voxels outside the image (padding, augmentation borders) stay nnU-Net's annotated background
-   unless a subclass sets ``outside_image_label = "ignore"``.
+   unless a subclass sets ``outside_image_label = "ignore"``. A subclass that sets
+   ``marks_image_extent = True`` also learns where the image is: its training batches carry the
+   image's extent through the augmentation (``nnunet_weak.transforms.image_extent``) and its
+   ``compute_training_loss`` receives ``inside_image``, so that losses coupling voxels leave padding out.
 
-5. **Training-only modules.** :meth:`nnUNetWeakTrainer.training_network` may wrap the planned network in a
+5. **Dense-label monitor.** After every epoch, ``dense_monitor_cases`` validation cases with dense
+   labels are predicted whole and scored against them (``nnunet_weak.training.dense_monitor``): the
+   Dice per class and the share of the true background predicted as each class are logged, printed
+   and drawn in ``fold_X/dense_monitor.png`` beside nnU-Net's pseudo-Dice, which on a sparse dataset
+   is blind to false positives where no scribble lies.
+6. **Seed.** ``NNUNET_WEAK_SEED`` (an integer) seeds Python, NumPy and PyTorch before the network is
+   built, and is recorded with the budget. nnU-Net's data-augmentation workers keep their own random
+   streams, so two runs with one seed start from the same weights but are not identical.
+
+7. **Training-only modules.** :meth:`nnUNetWeakTrainer.training_network` may wrap the planned network in a
    ``TrainingNetwork`` (``nnunet_weak.networks.training_network``) that adds a method's second network,
    teacher or heads; checkpoints keep the planned network's weights where ``nnUNetv2_predict`` reads
    them and the rest beside them, and are written atomically.
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -43,24 +56,42 @@ import torch
 import torch.distributed as dist
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_weak.atomic import write_json_atomic
 from nnunet_weak.budget import Budget, budget_from_environment, parse_budget
+from nnunet_weak.errors import UserInputError
 from nnunet_weak.evaluation import score_cases
 from nnunet_weak.networks.encoder_stages import unwrap_network
 from nnunet_weak.networks.training_network import TRAINING_WEIGHTS_KEY, TrainingNetwork
-from nnunet_weak.plots import plot_loss_components
+from nnunet_weak.plots import plot_dense_monitor, plot_loss_components
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.supervision import SupervisionManifest
+from nnunet_weak.training.dense_monitor import DenseValidationMonitor
 from nnunet_weak.training.options import OPTIONS_ENV, trainer_options_from_environment
+from nnunet_weak.transforms.image_extent import AppendImageExtentChannel, split_image_extent
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
 RUN_RECORD = "nnunet_weak_run.json"
 DENSE_SUMMARY = "summary_dense.json"
 LOSS_COMPONENTS_PLOT = "loss_components.png"
+DENSE_MONITOR_PLOT = "dense_monitor.png"
+SEED_ENV = "NNUNET_WEAK_SEED"
+#: logger keys of the dense-label monitor, one list over the foreground classes per epoch
+DENSE_MONITOR_KEYS = ("dense_dice_per_class", "dense_background_as_class")
+
+
+def seed_from_environment() -> int | None:
+    """The integer in ``NNUNET_WEAK_SEED``, or ``None`` when it is unset."""
+    text = os.environ.get(SEED_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise UserInputError(f"{SEED_ENV} must be a non-negative integer, got '{text}'.")
+    return int(text)
 
 
 class nnUNetWeakTrainer(nnUNetTrainer):
@@ -80,9 +111,21 @@ class nnUNetWeakTrainer(nnUNetTrainer):
     #: whether cases marked unlabelled in the manifest stay in the training keys (semi-supervised
     #: trainers); otherwise they are left out of training
     trains_on_unlabelled_cases = False
+    #: whether compute_training_loss receives ``inside_image``, the (B, *patch) mask of the voxels inside the
+    #: image (not padding, not brought in from outside by rotation or scaling)
+    marks_image_extent = False
+    #: validation cases with dense labels predicted and scored after every epoch (0: none), evenly
+    #: spaced over the sorted validation cases
+    dense_monitor_cases = 8
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self.seed = seed_from_environment()
+        if self.seed is not None:
+            # before nnU-Net's constructor and initialize(), which draw the network's initial weights
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.budget: Budget = budget_from_environment()
         self.num_epochs = self.budget.num_epochs
@@ -93,8 +136,9 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self._raw_dataset: RawDataset | None = None
         self._raw_dataset_loaded = False
         # nnU-Net's logger refuses keys it was not created with
-        for component in self.training_loss_components:
+        for component in (*self.training_loss_components, *DENSE_MONITOR_KEYS):
             self.logger.local_logger.my_fantastic_logging.setdefault(component, [])
+        self.dense_monitor: DenseValidationMonitor | None = None
         self.options = trainer_options_from_environment(self.tunable_options, self.__class__.__name__)
         for name, value in self.options.items():
             setattr(self, name, value)
@@ -214,7 +258,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             target: nnU-Net's targets, a list per deep-supervision scale when it is enabled.
             output: the network's output for ``data`` (a list per scale under deep supervision).
             batch_extras: what the batch carries beyond nnU-Net's (``labelled``, a ``(B,)`` bool tensor,
-                for two-stream batches).
+                for two-stream batches; ``inside_image``, a ``(B, *patch)`` bool tensor, for trainers that set
+                ``marks_image_extent``).
         """
         return self.loss(output, target), {}
 
@@ -224,10 +269,12 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
+        extras = {"labelled": batch["labelled"].to(self.device)} if "labelled" in batch else {}
+        if self.marks_image_extent:
+            target, extras["inside_image"] = split_image_extent(target)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
-            extras = {"labelled": batch["labelled"].to(self.device)} if "labelled" in batch else {}
             loss, components = self.compute_training_loss(data, target, output, **extras)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -254,12 +301,63 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                 self.logger.log(component, float(np.mean(values)), self.current_epoch)
 
     def on_epoch_end(self):
+        if self.dense_monitor is not None:
+            self.log_dense_monitor()
         for component in self.training_loss_components:
             self.print_to_log_file(component, np.round(self.logger.get_value(component, step=-1), decimals=4))
         if self.training_loss_components and self.local_rank == 0:
             plot_loss_components({c: self.logger.get_value(c, step=None) for c in self.training_loss_components},
                                  Path(self.output_folder) / LOSS_COMPONENTS_PLOT)
         super().on_epoch_end()
+
+    # ---- dense-label monitor -----------------------------------------------------------------
+
+    def build_dense_monitor(self) -> DenseValidationMonitor | None:
+        """The monitor over up to ``dense_monitor_cases`` validation cases that have dense labels."""
+        dataset = self.raw_dataset
+        if self.dense_monitor_cases <= 0 or dataset is None or self.label_manager.has_regions:
+            return None
+        _, val_keys = self.do_split()
+        with_dense = [k for k in sorted(val_keys) if dataset.dense_label_path(k) is not None]
+        if not with_dense:
+            self.print_to_log_file("No validation case has a dense label: no per-epoch dense-label monitor.")
+            return None
+        count = min(self.dense_monitor_cases, len(with_dense))
+        chosen = [with_dense[i] for i in np.linspace(0, len(with_dense) - 1, count).round().astype(int)]
+        self.print_to_log_file(f"Dense-label monitor: {count} of {len(val_keys)} validation cases scored on their "
+                               f"dense labels after every epoch: {chosen}")
+        return DenseValidationMonitor.from_raw_cases(
+            {k: (dataset.training_images(k), dataset.dense_label_path(k)) for k in chosen}, self.plans_manager,
+            self.configuration_manager, self.dataset_json, self.label_manager.num_segmentation_heads)
+
+    def log_dense_monitor(self) -> None:
+        """Score the monitored validation cases with the planned network as the predictor rebuilds it."""
+        network = unwrap_network(self.network)
+        inference_network = network.inference_network if isinstance(network, TrainingNetwork) else network
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=True, device=self.device, verbose=False,
+                                    verbose_preprocessing=False, allow_tqdm=False)
+        predictor.manual_initialization(inference_network, self.plans_manager, self.configuration_manager, None,
+                                        self.dataset_json, self.__class__.__name__,
+                                        self.inference_allowed_mirroring_axes)
+        inference_network.decoder.deep_supervision = False
+        inference_network.eval()
+        try:
+            scores = self.dense_monitor.measure(predictor.predict_sliding_window_return_logits)
+        finally:
+            inference_network.train()
+            inference_network.decoder.deep_supervision = self.enable_deep_supervision
+        self.logger.log("dense_dice_per_class", scores.dice, self.current_epoch)
+        self.logger.log("dense_background_as_class", scores.background_as, self.current_epoch)
+        names = [name for name, _ in sorted(self.raw_dataset.class_labels.items(), key=lambda item: item[1])]
+        self.print_to_log_file("Dice on dense labels of monitored validation cases: " +
+                               ", ".join(f"{n} {d:.4f}" for n, d in zip(names, scores.dice)))
+        self.print_to_log_file("their true background predicted as: " +
+                               ", ".join(f"{n} {100 * b:.2f} %" for n, b in zip(names, scores.background_as)))
+        plot_dense_monitor(names, self.logger.get_value("dense_dice_per_class", step=None),
+                           self.logger.get_value("dense_background_as_class", step=None),
+                           self.logger.get_value("dice_per_class_or_region", step=None),
+                           Path(self.output_folder) / DENSE_MONITOR_PLOT)
 
     # ---- deep-supervision targets ------------------------------------------------------------
 
@@ -292,6 +390,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
             regions=regions, ignore_label=ignore_label)
+        if cls.marks_image_extent:
+            transforms.transforms.insert(0, AppendImageExtentChannel())
         return cls._adapted_to_sparse_labels(transforms, ignore_label, regions)
 
     @classmethod
@@ -321,14 +421,24 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                     f"{self.options}. Set {OPTIONS_ENV} to the recorded values to continue it, or start a new "
                     f"run without --c."
                 )
+            if recorded.get("seed") != self.seed:
+                raise RuntimeError(
+                    f"This run was started with {SEED_ENV}={recorded.get('seed')} but it is now {self.seed}. Set "
+                    f"it to the recorded value to continue it, or start a new run without --c."
+                )
         super().on_train_start()
+        if self.local_rank == 0:
+            self.dense_monitor = self.build_dense_monitor()
         self.print_to_log_file(f"nnunet-weak budget {self.budget.describe()}")
+        if self.seed is not None:
+            self.print_to_log_file(f"{SEED_ENV} {self.seed}")
         if self.options:
             self.print_to_log_file(f"{self.__class__.__name__} options: {self.options}")
         if self.local_rank == 0:
             write_json_atomic({"trainer": self.__class__.__name__, "dataset": self.plans_manager.dataset_name,
                                "configuration": self.configuration_name, "fold": self.fold,
-                               "budget": self.budget.to_json(), "options": self.options}, record_file)
+                               "budget": self.budget.to_json(), "options": self.options, "seed": self.seed},
+                              record_file)
 
     # ---- scoring on dense labels ----------------------------------------------------------------
 
