@@ -20,6 +20,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from nnunet_weak.evaluation import confusion_matrix
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,7 +46,7 @@ def main() -> int:
             print(f"{path.name}: prediction {predicted.shape} and label {truth.shape} differ in shape.", file=sys.stderr)
             return 2
         classes = int(max(predicted.max(), truth.max())) + 1
-        counts = np.bincount((truth * classes + predicted).ravel(), minlength=classes * classes).reshape(classes, classes)
+        counts = confusion_matrix(truth, predicted, classes)
         if confusion is None or confusion.shape[0] < classes:
             grown = np.zeros((classes, classes), np.int64)
             if confusion is not None:

@@ -216,6 +216,8 @@ class Comparison:
             row.update({f"Dice {name}": v["Dice"] for name, v in summary["mean"].items()})
             row["Dice mean"] = summary["foreground_mean"]["Dice"]
             row["HD95 mean (mm)"] = summary["foreground_mean"]["HD95"]
+            # a class flooding the background far from the anatomy shows here before it shows in Dice
+            row["background as one class, worst (%)"] = 100 * max(v["BackgroundShare"] for v in summary["mean"].values())
             rows.append(row)
             print(f"{run.method}: mean Dice {row['Dice mean']:.4f} ({time.time() - started:.0f} s)")
         self.write_outputs(rows)

@@ -4,6 +4,7 @@ convert -> nnUNetv2_plan_and_preprocess (dense) -> nnunet-weak plan_and_preproce
 -> nnUNetv2_train -tr nnUNetWeakTrainer (data-augmentation workers on), --c, --val -> nnUNetv2_predict
 -> scoring on dense labels -> nnunet-weak compare reusing the finished run.
 """
+import csv
 import json
 import shutil
 import subprocess
@@ -106,6 +107,11 @@ def test_compare_reuses_finished_runs(workspace):
     rows = (output / "comparison.csv").read_text().splitlines()
     assert rows[0].startswith("method,trainer,dataset,Dice RV,Dice MYO,Dice LV,Dice mean")
     assert len(rows) == 3
+    worst = "background as one class, worst (%)"
+    reported = sorted(float(r[worst]) for r in csv.DictReader(rows))
+    scored = sorted(100 * max(v["BackgroundShare"] for v in json.loads(f.read_text())["mean"].values())
+                    for f in (output / "scores").glob("*.json"))
+    assert reported == pytest.approx(scored)
     assert (output / "comparison_dice.png").stat().st_size > 1000
 
     # a finished run under another budget is not silently reused
