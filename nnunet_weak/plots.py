@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
@@ -19,8 +20,18 @@ def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
     os.replace(partial, path)
 
 
+def own_style():
+    """Matplotlib's default style: nnU-Net's progress plot sets seaborn's (font scale 2.5) process-wide."""
+    return plt.style.context("default")
+
+
 def plot_loss_components(curves: dict[str, list[float]], path: Path) -> None:
     """One curve per training-loss component, by epoch."""
+    with own_style():
+        _plot_loss_components(curves, path)
+
+
+def _plot_loss_components(curves: dict[str, list[float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
         ax.plot(range(len(values)), values, label=name)
@@ -35,6 +46,11 @@ def plot_dense_monitor(class_names: list[str], dense_dice: list[list[float]], ba
                        pseudo_dice: list[list[float]], path: Path) -> None:
     """Per epoch and class: Dice on dense labels beside nnU-Net's pseudo-Dice (left), and the share of the
     true background predicted as the class (right)."""
+    with own_style():
+        _plot_dense_monitor(class_names, dense_dice, background_as, pseudo_dice, path)
+
+
+def _plot_dense_monitor(class_names, dense_dice, background_as, pseudo_dice, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for index, name in enumerate(class_names):
         colour = f"C{index}"
@@ -42,6 +58,8 @@ def plot_dense_monitor(class_names: list[str], dense_dice: list[list[float]], ba
         left.plot(range(len(pseudo_dice)), [d[index] for d in pseudo_dice], color=colour, linestyle="--",
                   label=f"{name} pseudo (nnU-Net)")
         right.plot(range(len(background_as)), [100 * b[index] for b in background_as], color=colour, label=name)
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("epoch")
     left.set_ylabel("Dice")
     left.set_ylim(0, 1)
