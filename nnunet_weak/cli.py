@@ -227,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train each trainer on the sparse dataset (and nnUNetWeakTrainer on the dense "
                                    "twin as the upper bound) on the same plans, fold and budget with the stock "
                                    "nnU-Net commands, predict the held-out test cases, score them against dense "
-                                   "labels, and write a table (markdown, CSV) and a per-class Dice chart (PNG). "
-                                   "Finished runs are reused.")
+                                   "labels, and write a table (markdown, CSV) and a per-class Dice chart (PNG): the "
+                                   "validation score (on which choices are made) beside the test score, and each "
+                                   "method against the partial-loss baseline case by case (mean difference, "
+                                   "bootstrap 95 %% interval, Wilcoxon p). Finished runs are reused.")
     p.add_argument("--dense", default=None, help="dense twin dataset id or name (the upper bound; required "
                                                  "unless --no_dense)")
     p.add_argument("--sparse", required=True, help="sparse (scribble/weak) twin dataset id or name")
@@ -245,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_tta", action="store_true", help="predict without mirroring")
     p.add_argument("--retrain", action="store_true",
                    help="train again even if a finished run exists (required when its budget differs)")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="train every run N times with NNUNET_WEAK_SEED 0..N-1, each seed under "
+                        "$nnUNet_results/nnunet_weak_seeds/seed_K, and report mean ± sd over seeds (default 0: "
+                        "one unseeded run in $nnUNet_results)")
     p.add_argument("-o", dest="output", default=None,
                    help="output folder (default: $nnUNet_results/nnunet_weak_compare/<sparse>__<config>__fold<folds>__<budget>)")
     p.set_defaults(func=_cmd_compare)

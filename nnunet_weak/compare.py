@@ -12,6 +12,15 @@ For a dense dataset and its sparse twin (same images, same cases, same plans and
 The runs are: ``nnUNetWeakTrainer`` on the dense dataset (upper bound, unless ``--no_dense``), then
 each requested trainer on the sparse dataset (``nnUNetWeakTrainer`` there is the partial-loss
 baseline). The result is a table (markdown and CSV) and a per-class Dice chart (PNG).
+
+Validation and test are kept apart: every row reports the score of the folds' validation cases on
+their dense labels (``validation/summary_dense.json``, pooled over the folds: cross-validated when
+all five ran), on which choices are made, beside the test score, which is for the final report.
+With ``--seeds N`` every run is trained N times (``NNUNET_WEAK_SEED`` 0 … N-1, each seed in its own
+``$nnUNet_results/nnunet_weak_seeds/seed_K``), and rows give mean ± sd over the seeds. Every sparse
+row is compared with the partial-loss baseline case by case (per-case scores averaged over seeds):
+the mean difference, its bootstrap 95 % interval and the Wilcoxon signed-rank p-value
+(``nnunet_weak.statistics``), on the validation cases and on the test cases.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,9 +46,10 @@ from nnunet_weak.budget import BUDGET_ENV, Budget, parse_budget
 from nnunet_weak.environment import (check_trainer_exists, environment_with_trainers, nnunet_command,
                                      required_folder)
 from nnunet_weak.errors import StepFailed, UserInputError
-from nnunet_weak.evaluation import score_cases
+from nnunet_weak.evaluation import score_cases, summarise
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
-from nnunet_weak.training.weak_trainer import RUN_RECORD
+from nnunet_weak.statistics import paired_difference
+from nnunet_weak.training.weak_trainer import DENSE_SUMMARY, RUN_RECORD, SEED_ENV
 
 BASE_TRAINER = "nnUNetWeakTrainer"
 
@@ -123,8 +134,12 @@ class Comparison:
     def __init__(self, dense: int | str | None, sparse: int | str, trainers: Sequence[str], budget: str,
                  configuration: str = "2d", folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans",
                  device: str | None = None, disable_tta: bool = False, retrain: bool = False,
-                 output: str | os.PathLike | None = None):
+                 output: str | os.PathLike | None = None, seeds: int = 0):
         self.budget: Budget = parse_budget(budget)
+        if seeds < 0:
+            raise UserInputError(f"--seeds must be 0 (unseeded runs) or a positive number of seeds, got {seeds}.")
+        # None: one run as nnU-Net trains it, unseeded, in nnUNet_results itself
+        self.seeds: list[int | None] = list(range(seeds)) if seeds else [None]
         for trainer in dict.fromkeys(trainers):
             check_trainer_exists(trainer)
         self.sparse = load_raw_dataset(sparse)
@@ -150,39 +165,63 @@ class Comparison:
         self.env = environment_with_trainers()
         self.env[BUDGET_ENV] = self.budget.name
 
-    def fold_folder(self, run: Run, fold: str) -> Path:
-        return (required_folder("nnUNet_results") / run.dataset.name /
+    @staticmethod
+    def results_root(seed: int | None) -> Path:
+        """Where nnU-Net writes the runs of one seed (``nnUNet_results`` itself for unseeded runs)."""
+        root = required_folder("nnUNet_results")
+        return root if seed is None else root / "nnunet_weak_seeds" / f"seed_{seed}"
+
+    def environment(self, seed: int | None) -> dict:
+        """The environment of the nnU-Net commands of one seed."""
+        if seed is None:
+            return self.env
+        return {**self.env, "nnUNet_results": str(self.results_root(seed)), SEED_ENV: str(seed)}
+
+    @staticmethod
+    def seed_key(run: Run, seed: int | None) -> str:
+        return run.key if seed is None else f"{run.key}__seed{seed}"
+
+    def fold_folder(self, run: Run, fold: str, seed: int | None = None) -> Path:
+        return (self.results_root(seed) / run.dataset.name /
                 f"{run.trainer}__{self.plans}__{self.configuration}" / f"fold_{fold}")
 
-    def train(self, run: Run, fold: str) -> bool:
+    def train(self, run: Run, fold: str, seed: int | None = None) -> bool:
         """Train (or reuse, or continue) one fold of a run; return True if training happened."""
-        folder = self.fold_folder(run, fold)
-        record = folder / RUN_RECORD
-        recorded = json.loads(record.read_text())["budget"]["name"] if record.is_file() else None
+        folder = self.fold_folder(run, fold, seed)
+        record_file = folder / RUN_RECORD
+        record = json.loads(record_file.read_text()) if record_file.is_file() else None
+        recorded = record["budget"]["name"] if record else None
         finished = (folder / "checkpoint_final.pth").is_file()
         same_budget = recorded is not None and parse_budget(recorded) == self.budget
+        same_seed = seed is None or (record is not None and record.get("seed") == seed)
         if finished and not self.retrain:
-            if same_budget:
+            if same_budget and same_seed:
                 print(f"{run.method}: reusing the finished run in {folder}")
                 return False
-            raise UserInputError(
-                f"{folder} holds a finished run with budget '{recorded}', not '{self.budget.name}'. "
-                f"Pass --retrain to replace it, or ask for budget '{recorded}'."
-            )
+            if not same_budget:
+                raise UserInputError(
+                    f"{folder} holds a finished run with budget '{recorded}', not '{self.budget.name}'. "
+                    f"Pass --retrain to replace it, or ask for budget '{recorded}'."
+                )
+            raise UserInputError(f"{folder} holds a finished run with seed {record.get('seed')}, not {seed}. Pass "
+                                 f"--retrain to replace it.")
         command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, fold,
                    "-tr", run.trainer, "-p", self.plans, "-device", self.device]
-        resumable = (folder / "checkpoint_latest.pth").is_file() and same_budget and not self.retrain
+        resumable = ((folder / "checkpoint_latest.pth").is_file() and same_budget and same_seed
+                     and not self.retrain)
         if resumable:
             command.append("--c")
         elif folder.exists():
             shutil.rmtree(folder)
-        run_logged(command, self.env, self.output / "logs" / f"{run.key}__fold{fold}__train.log",
-                   f"{run.method}: training fold {fold} ({self.budget.describe()})", self.budget.num_epochs)
+        seed_text = "" if seed is None else f", seed {seed}"
+        run_logged(command, self.environment(seed),
+                   self.output / "logs" / f"{self.seed_key(run, seed)}__fold{fold}__train.log",
+                   f"{run.method}: training fold {fold}{seed_text} ({self.budget.describe()})", self.budget.num_epochs)
         return True
 
-    def predict(self, run: Run, retrained: bool) -> Path:
+    def predict(self, run: Run, retrained: bool, seed: int | None = None) -> Path:
         """Predict the test images with the stock predictor (reused unless the model changed)."""
-        target = self.output / "predictions" / run.key
+        target = self.output / "predictions" / self.seed_key(run, seed)
         if target.is_dir() and not retrained:
             return target
         images = self.sparse.folder / "imagesTs"
@@ -192,66 +231,189 @@ class Comparison:
                        "-chk", "checkpoint_final.pth", "-device", self.device, "-npp", "1", "-nps", "1"]
             if self.disable_tta:
                 command.append("--disable_tta")
-            run_logged(command, self.env, self.output / "logs" / f"{run.key}__predict.log",
+            run_logged(command, self.environment(seed), self.output / "logs" / f"{self.seed_key(run, seed)}__predict.log",
                        f"{run.method}: predicting {len(self.test_cases)} test cases")
         return target
 
-    def score(self, run: Run, predictions: Path) -> dict:
+    def score(self, run: Run, predictions: Path, seed: int | None = None) -> dict:
         ending = self.sparse.file_ending
         pairs = {case: (predictions / f"{case}{ending}", label) for case, (_, label) in self.test_cases.items()}
-        return score_cases(pairs, self.sparse.class_labels, self.output / "scores" / f"{run.key}.json",
+        return score_cases(pairs, self.sparse.class_labels,
+                           self.output / "scores" / f"{self.seed_key(run, seed)}.json",
                            ignore_label=self.sparse.ignore_label,
                            description=f"{run.method}: scoring on dense labels",
                            extra={"method": run.method, "trainer": run.trainer, "dataset": run.dataset.name,
                                   "budget": self.budget.to_json(), "configuration": self.configuration,
-                                  "folds": self.folds})
+                                  "folds": self.folds, "seed": seed})
+
+    def validation_scores(self, run: Run, seed: int | None) -> dict[str, dict]:
+        """Per validation case (pooled over the folds), its scores on dense labels from ``summary_dense.json``."""
+        per_case = {}
+        for fold in self.folds:
+            summary_file = self.fold_folder(run, fold, seed) / "validation" / DENSE_SUMMARY
+            if not summary_file.is_file():
+                raise UserInputError(f"{summary_file} does not exist: the run did not finish its validation. Run "
+                                     f"`nnUNetv2_train ... --val` for it, or compare with --retrain.")
+            per_case.update({c["case"]: c["metrics"] for c in json.loads(summary_file.read_text())["metric_per_case"]})
+        return per_case
 
     def run(self) -> list[dict]:
-        rows = []
+        results = []
         for run in self.runs:
             started = time.time()
-            retrained = any([self.train(run, fold) for fold in self.folds])
-            summary = self.score(run, self.predict(run, retrained))
-            row = {"method": run.method, "trainer": run.trainer, "dataset": run.dataset.name}
-            row.update({f"Dice {name}": v["Dice"] for name, v in summary["mean"].items()})
-            row["Dice mean"] = summary["foreground_mean"]["Dice"]
-            row["HD95 mean (mm)"] = summary["foreground_mean"]["HD95"]
-            # a class flooding the background far from the anatomy shows here before it shows in Dice
-            row["background as one class, worst (%)"] = 100 * max(v["BackgroundShare"] for v in summary["mean"].values())
-            rows.append(row)
-            print(f"{run.method}: mean Dice {row['Dice mean']:.4f} ({time.time() - started:.0f} s)")
-        self.write_outputs(rows)
+            test, validation = {}, {}
+            for seed in self.seeds:
+                retrained = any([self.train(run, fold, seed) for fold in self.folds])
+                test[seed] = self.score(run, self.predict(run, retrained, seed), seed)
+                validation[seed] = self.validation_scores(run, seed)
+            results.append(RunScores(run, validation, test))
+            row = results[-1].row(self.sparse.class_labels)
+            print(f"{run.method}: mean Dice {row['Dice mean']:.4f} (test), {row['validation Dice mean']:.4f} "
+                  f"(validation) ({time.time() - started:.0f} s)")
+        rows = [r.row(self.sparse.class_labels) for r in results]
+        self.write_outputs(rows, paired_against_baseline(results, self.sparse.class_labels, self.sparse.name))
         return rows
 
     # ---- outputs -------------------------------------------------------------------------------
 
     def caption(self) -> str:
+        seeds = ("one unseeded run each" if self.seeds == [None] else
+                 f"{len(self.seeds)} seeds each ({', '.join(map(str, self.seeds))}), mean ± sd over seeds")
         return (f"{len(self.test_cases)} held-out test cases of {self.sparse.name}, scored on dense labels; "
                 f"configuration {self.configuration}, fold(s) {', '.join(self.folds)} (ensembled when several), "
                 f"plans {self.plans}, budget "
-                f"{self.budget.describe()}, device {self.device}.")
+                f"{self.budget.describe()}, device {self.device}; {seeds}.")
 
-    def write_outputs(self, rows: list[dict]) -> None:
+    def write_outputs(self, rows: list[dict], paired: list[dict]) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
-        markdown = format_markdown(rows, self.caption())
+        markdown = format_markdown(rows, paired, self.caption())
         write_text_atomic(markdown, self.output / "comparison.md")
         write_text_atomic(format_csv(rows), self.output / "comparison.csv")
+        if paired:
+            write_text_atomic(format_csv(paired), self.output / "comparison_paired.csv")
         plot_dice_chart(rows, self.sparse.class_labels, self.output / "comparison_dice.png", self.caption())
         print("\n" + markdown)
         print(f"Wrote {self.output / 'comparison.md'}, comparison.csv and comparison_dice.png")
 
 
+SCORE_COLUMNS = ("HD95 mean (mm)", "background as one class, worst (%)")
+SD_SUFFIX = " sd"
+
+
+def scores_row(summaries: Sequence[dict], class_labels: dict, prefix: str) -> dict:
+    """Mean (and sd over seeds, with two or more) of the table's scores over per-seed summaries."""
+    values = {f"Dice {name}": [s["mean"][name]["Dice"] for s in summaries] for name in class_labels}
+    values["Dice mean"] = [s["foreground_mean"]["Dice"] for s in summaries]
+    values["HD95 mean (mm)"] = [s["foreground_mean"]["HD95"] for s in summaries]
+    # a class flooding the background far from the anatomy shows here before it shows in Dice
+    values["background as one class, worst (%)"] = [
+        100 * _nanmax([v["BackgroundShare"] for v in s["mean"].values()]) for s in summaries]
+    row = {}
+    for name, numbers in values.items():
+        row[prefix + name] = float(np.mean(numbers))
+        if len(numbers) > 1:
+            row[prefix + name + SD_SUFFIX] = float(np.std(numbers, ddof=1))
+    return row
+
+
+@dataclass
+class RunScores:
+    """A run's scores per seed: validation per case (from the folds), test summaries."""
+
+    run: Run
+    validation: dict  # seed -> {case: {class: {metric: value}}}
+    test: dict  # seed -> score_cases summary
+
+    def row(self, class_labels: dict) -> dict:
+        row = {"method": self.run.method, "trainer": self.run.trainer, "dataset": self.run.dataset.name}
+        row.update(scores_row(list(self.test.values()), class_labels, ""))
+        row.update(scores_row([summarise(v, class_labels) for v in self.validation.values()], class_labels,
+                              "validation "))
+        row["seeds"] = len(self.test)
+        return row
+
+    def per_case(self, split: str, class_labels: dict) -> dict[str, dict[str, float]]:
+        """Per case: Dice of each class, the mean Dice over classes and the mean HD95, averaged over seeds."""
+        seeds = (self.validation if split == "validation" else
+                 {s: {c["case"]: c["metrics"] for c in summary["metric_per_case"]} for s, summary in self.test.items()})
+        cases = sorted(set.intersection(*(set(v) for v in seeds.values())))
+        result = {}
+        for case in cases:
+            scores = {f"Dice {n}": [seeds[s][case][n]["Dice"] for s in seeds] for n in class_labels}
+            scores["Dice mean"] = [_nanmean([seeds[s][case][n]["Dice"] for n in class_labels]) for s in seeds]
+            scores["HD95 mean (mm)"] = [_nanmean([seeds[s][case][n]["HD95"] for n in class_labels]) for s in seeds]
+            result[case] = {k: _nanmean(v) for k, v in scores.items()}
+        return result
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+
+
+def _nanmax(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmax(values)) if np.any(~np.isnan(values)) else float("nan")
+
+
+def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse_dataset: str) -> list[dict]:
+    """Each sparse run minus the base trainer on the sparse dataset (the partial-loss baseline), case by case,
+    on validation and test cases; nothing without that baseline."""
+    baseline = next((r for r in results if r.run.trainer == BASE_TRAINER and r.run.dataset.name == sparse_dataset),
+                    None)
+    if baseline is None:
+        return []
+    rows = []
+    for split in ("validation", "test"):
+        reference = baseline.per_case(split, class_labels)
+        for result in results:
+            if result is baseline or result.run.dataset.name != baseline.run.dataset.name:
+                continue
+            scores = result.per_case(split, class_labels)
+            cases = sorted(set(scores) & set(reference))
+            for score in [f"Dice {n}" for n in class_labels] + ["Dice mean", "HD95 mean (mm)"]:
+                difference = paired_difference([scores[c][score] for c in cases], [reference[c][score] for c in cases])
+                rows.append({"split": split, "method": result.run.method, "baseline": baseline.run.method,
+                             "score": score, "mean difference": difference.mean, "ci low": difference.ci_low,
+                             "ci high": difference.ci_high, "Wilcoxon p": difference.p_value,
+                             "cases": difference.cases})
+    return rows
+
+
+def _cell(row: dict, column: str) -> str:
+    value = row[column]
+    if not isinstance(value, float):
+        return str(value)
+    sd = row.get(column + SD_SUFFIX)
+    return f"{value:.3f}" if sd is None else f"{value:.3f} ± {sd:.3f}"
+
+
+def _table(rows: list[dict], columns: list[str], titles: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
+    lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def format_markdown(rows: list[dict], paired: list[dict], caption: str) -> str:
+    scores = [c for c in rows[0] if c.startswith("Dice ") or c in SCORE_COLUMNS]
+    scores = [c for c in scores if not c.endswith(SD_SUFFIX)]
+    lines = ["Validation: dense labels of the folds' validation cases (choices are made on these).", ""]
+    lines += _table(rows, ["method", "dataset", "seeds"] + [f"validation {c}" for c in scores],
+                    ["method", "dataset", "seeds"] + scores)
+    lines += ["", "Test: held-out cases (for the final report only).", ""]
+    lines += _table(rows, ["method", "dataset", "seeds"] + scores, ["method", "dataset", "seeds"] + scores)
+    if paired:
+        lines += ["", f"Paired differences, method minus {paired[0]['baseline']}, per case (scores averaged over "
+                      f"seeds): mean, bootstrap 95 % interval, Wilcoxon signed-rank p.", "",
+                  "| split | method | score | mean difference [95 % CI] | Wilcoxon p | cases |", "|---|---|---|---|---|---|"]
+        for row in paired:
+            lines.append(f"| {row['split']} | {row['method']} | {row['score']} | {row['mean difference']:+.3f} "
+                         f"[{row['ci low']:+.3f}, {row['ci high']:+.3f}] | {row['Wilcoxon p']:.3g} | {row['cases']} |")
+    return "\n".join(lines) + f"\n\n{caption}\n"
+
+
 def _columns(rows: list[dict]) -> list[str]:
     return list(rows[0].keys())
-
-
-def format_markdown(rows: list[dict], caption: str) -> str:
-    columns = [c for c in _columns(rows) if c not in ("trainer",)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                                       for c in columns) + " |")
-    return "\n".join(lines) + f"\n\n{caption}\n"
 
 
 def format_csv(rows: list[dict]) -> str:
@@ -289,5 +451,5 @@ def compare_from_args(args) -> list[dict]:
         raise UserInputError("Give the dense twin with --dense (the upper bound), or pass --no_dense.")
     comparison = Comparison(None if args.no_dense else args.dense, args.sparse, args.trainers, args.budget,
                             args.configuration, args.folds, args.plans, args.device, args.disable_tta,
-                            args.retrain, args.output)
+                            args.retrain, args.output, args.seeds)
     return comparison.run()

@@ -153,7 +153,8 @@ def summarise(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
     """Means over cases per class (NaN-aware) and the mean over classes."""
     mean = {}
     for name in class_labels:
-        mean[name] = {metric: _nanmean([per_case[c][name][metric] for c in per_case])
+        # summaries written before BackgroundShare existed lack it
+        mean[name] = {metric: _nanmean([per_case[c][name].get(metric, float("nan")) for c in per_case])
                       for metric in ("Dice", "HD95", "BackgroundShare")}
     foreground = {metric: _nanmean([mean[n][metric] for n in class_labels]) for metric in ("Dice", "HD95")}
     return {"mean": mean, "foreground_mean": foreground}

@@ -121,6 +121,57 @@ def test_compare_reuses_finished_runs(workspace):
     assert refused.returncode == 2 and "--retrain" in refused.stderr
 
 
+def test_compare_with_seeds_reports_validation_and_paired_differences(workspace):
+    folders, env = workspace
+    output = folders["nnUNet_results"] / "comparison_seeds"
+    trainers = ["nnUNetWeakTrainer", "nnUNetWeakTrainer_nearestDSTargets"]
+    command = [BIN / "nnunet-weak", "compare", "--sparse", "951", "--no_dense", "--budget", "smoke", "--device", "cpu",
+               "--disable_tta", "--seeds", "2", "--trainers", *trainers, "-o", output]
+    run_checked(command, env)
+
+    def fold(trainer, seed):
+        return (folders["nnUNet_results"] / "nnunet_weak_seeds" / f"seed_{seed}" / SPARSE /
+                f"{trainer}__nnUNetPlans__2d" / "fold_0")
+
+    for trainer in trainers:
+        for seed in (0, 1):
+            assert json.loads((fold(trainer, seed) / "nnunet_weak_run.json").read_text())["seed"] == seed
+
+    def validation(trainer, seed):
+        return json.loads((fold(trainer, seed) / "validation" / "summary_dense.json").read_text())
+
+    rows = {r["trainer"]: r for r in csv.DictReader((output / "comparison.csv").read_text().splitlines())}
+    for trainer in trainers:
+        means = [validation(trainer, seed)["foreground_mean"]["Dice"] for seed in (0, 1)]
+        assert float(rows[trainer]["validation Dice mean"]) == pytest.approx(np.mean(means))
+        assert float(rows[trainer]["validation Dice mean sd"]) == pytest.approx(np.std(means, ddof=1))
+        assert rows[trainer]["seeds"] == "2"
+
+    def per_case_mean_dice(trainer):
+        cases = {}
+        for seed in (0, 1):
+            for entry in validation(trainer, seed)["metric_per_case"]:
+                dice = [v["Dice"] for v in entry["metrics"].values() if not np.isnan(v["Dice"])]
+                cases.setdefault(entry["case"], []).append(np.mean(dice) if dice else np.nan)
+        return {case: np.nanmean(values) for case, values in cases.items()}
+
+    method, baseline = per_case_mean_dice(trainers[1]), per_case_mean_dice(trainers[0])
+    expected = np.nanmean([method[c] - baseline[c] for c in sorted(method)])
+    paired = [r for r in csv.DictReader((output / "comparison_paired.csv").read_text().splitlines())
+              if r["split"] == "validation" and r["score"] == "Dice mean"]
+    assert len(paired) == 1 and paired[0]["method"] == trainers[1]
+    assert paired[0]["baseline"] == "nnU-Net + partial loss"
+    assert float(paired[0]["mean difference"]) == pytest.approx(expected)
+    table = (output / "comparison.md").read_text()
+    assert "Validation: dense labels" in table and "Test: held-out" in table and "±" in table
+    assert "Paired differences, method minus nnU-Net + partial loss" in table
+
+    # finished seeds are reused
+    before = fold(trainers[0], 1).joinpath("checkpoint_final.pth").stat().st_mtime
+    run_checked(command, env)
+    assert fold(trainers[0], 1).joinpath("checkpoint_final.pth").stat().st_mtime == before
+
+
 def test_unlabelled_cases_never_reach_the_supervised_stream(workspace, monkeypatch):
     folders, env = workspace
     raw = folders["nnUNet_raw"]
