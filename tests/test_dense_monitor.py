@@ -66,3 +66,19 @@ def test_monitor_refuses_mismatched_or_out_of_range_labels():
         DenseValidationMonitor({"a": (data, np.full((4, 5), 3, np.int16))}, 3)
     with pytest.raises(ValueError, match="at least one case"):
         DenseValidationMonitor({}, 3)
+
+
+def test_a_checkpoint_without_the_monitor_keys_gets_them_padded_to_its_epochs():
+    from types import SimpleNamespace
+
+    from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
+
+    logged = {"train_losses": [0.9, 0.8, 0.7], "loss_a": [1.0, 2.0, 3.0]}
+    state = SimpleNamespace(logger=SimpleNamespace(local_logger=SimpleNamespace(my_fantastic_logging=logged)),
+                            training_loss_components=("loss_a", "loss_b"), current_epoch=3,
+                            label_manager=SimpleNamespace(num_segmentation_heads=4))
+    nnUNetWeakTrainer._register_logged_keys(state)
+    assert logged["loss_a"] == [1.0, 2.0, 3.0]
+    assert len(logged["loss_b"]) == 3 and all(math.isnan(v) for v in logged["loss_b"])
+    for key in ("dense_dice_per_class", "dense_background_as_class"):
+        assert len(logged[key]) == 3 and all(len(v) == 3 and all(math.isnan(x) for x in v) for v in logged[key])

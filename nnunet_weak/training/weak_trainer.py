@@ -135,13 +135,21 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self.save_every = max(1, min(50, self.num_epochs // 5))
         self._raw_dataset: RawDataset | None = None
         self._raw_dataset_loaded = False
-        # nnU-Net's logger refuses keys it was not created with
-        for component in (*self.training_loss_components, *DENSE_MONITOR_KEYS):
-            self.logger.local_logger.my_fantastic_logging.setdefault(component, [])
+        self._register_logged_keys()
         self.dense_monitor: DenseValidationMonitor | None = None
         self.options = trainer_options_from_environment(self.tunable_options, self.__class__.__name__)
         for name, value in self.options.items():
             setattr(self, name, value)
+
+    def _register_logged_keys(self) -> None:
+        """Add the project's keys to nnU-Net's logger, which refuses keys it was not created with; a key
+        missing from a checkpoint of an older run gets NaN for the epochs it has already done."""
+        logged = self.logger.local_logger.my_fantastic_logging
+        for key in self.training_loss_components:
+            logged.setdefault(key, [float("nan")] * self.current_epoch)
+        per_class = [float("nan")] * (self.label_manager.num_segmentation_heads - 1)
+        for key in DENSE_MONITOR_KEYS:
+            logged.setdefault(key, [list(per_class) for _ in range(self.current_epoch)])
 
     # ---- supervision -------------------------------------------------------------------------
 
@@ -241,6 +249,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
+        self._register_logged_keys()
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
