@@ -277,7 +277,7 @@ class Comparison:
     # ---- outputs -------------------------------------------------------------------------------
 
     def caption(self) -> str:
-        seeds = ("one unseeded run each" if self.seeds == [None] else
+        seeds = ("one unseeded run each" if self.seeds == [None] else "seed 0 only" if self.seeds == [0] else
                  f"{len(self.seeds)} seeds each ({', '.join(map(str, self.seeds))}), mean ± sd over seeds")
         return (f"{len(self.test_cases)} held-out test cases of {self.sparse.name}, scored on dense labels; "
                 f"configuration {self.configuration}, fold(s) {', '.join(self.folds)} (ensembled when several), "
