@@ -50,8 +50,8 @@ def main() -> int:
     args = parser.parse_args()
     name = dataset_name_from_id(args.d)
     folder = required_folder("nnUNet_preprocessed") / name
-    plans = json.loads((folder / f"{args.p}.json").read_text())
-    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    plans = json.loads((folder / f"{args.p}.json").read_text(encoding="utf-8"))
+    labels = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"]
     if "ignore" not in labels:
         print(f"{name} has no ignore label: it is not a sparse dataset.", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ BASELINE = "nnUNetTrainer"
 # ---- measured in a child process -------------------------------------------------------------------
 
 def _resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")

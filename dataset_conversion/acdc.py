@@ -66,7 +66,7 @@ def _read_info_cfg(path: Path) -> dict[str, int]:
         raise UserInputError(f"{path} is missing: the official ACDC layout has an Info.cfg per patient "
                              f"giving the ED and ES frame numbers.")
     values = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         key, _, value = line.partition(":")
         values[key.strip()] = value.strip()
     try:
@@ -106,7 +106,7 @@ def read_spacing_table(path: Path) -> dict[str, tuple[float, float, float]]:
     if not path.is_file():
         raise UserInputError(f"Spacing table {path} does not exist.")
     spacings = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
                 spacings[row["case"]] = (float(row["spacing_z_mm"]), float(row["spacing_y_mm"]),

@@ -31,7 +31,7 @@ def read_case_list(path: Path) -> list[str]:
     """Case ids, one per line (blank lines ignored; a trailing ``/mri_norm2.h5`` is dropped)."""
     if not path.is_file():
         raise UserInputError(f"Case list {path} does not exist.")
-    cases = [line.strip().split("/")[0] for line in path.read_text().splitlines() if line.strip()]
+    cases = [line.strip().split("/")[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     duplicates = sorted({c for c in cases if cases.count(c) > 1})
     if duplicates:
         raise UserInputError(f"{path} lists case(s) {duplicates[:3]} more than once.")

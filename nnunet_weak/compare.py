@@ -90,12 +90,12 @@ def check_same_plans_and_splits(dense: RawDataset, sparse: RawDataset, plans: st
         plans_file = preprocessed / dataset.name / f"{plans}.json"
         if not plans_file.is_file():
             raise UserInputError(f"{plans_file} does not exist. {fix}")
-        content = json.loads(plans_file.read_text())
+        content = json.loads(plans_file.read_text(encoding="utf-8"))
         content.pop("dataset_name", None)
         splits_file = preprocessed / dataset.name / "splits_final.json"
         if not splits_file.is_file():
             raise UserInputError(f"{splits_file} does not exist. {fix}")
-        loaded.append((content, json.loads(splits_file.read_text())))
+        loaded.append((content, json.loads(splits_file.read_text(encoding="utf-8"))))
     if loaded[0][0] != loaded[1][0]:
         raise UserInputError(f"{dense.name} and {sparse.name} have different plans '{plans}'. {fix}")
     if loaded[0][1] != loaded[1][1]:
@@ -189,7 +189,7 @@ class Comparison:
         """Train (or reuse, or continue) one fold of a run; return True if training happened."""
         folder = self.fold_folder(run, fold, seed)
         record_file = folder / RUN_RECORD
-        record = json.loads(record_file.read_text()) if record_file.is_file() else None
+        record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else None
         recorded = record["budget"]["name"] if record else None
         finished = (folder / "checkpoint_final.pth").is_file()
         same_budget = recorded is not None and parse_budget(recorded) == self.budget
@@ -254,7 +254,7 @@ class Comparison:
             if not summary_file.is_file():
                 raise UserInputError(f"{summary_file} does not exist: the run did not finish its validation. Run "
                                      f"`nnUNetv2_train ... --val` for it, or compare with --retrain.")
-            per_case.update({c["case"]: c["metrics"] for c in json.loads(summary_file.read_text())["metric_per_case"]})
+            per_case.update({c["case"]: c["metrics"] for c in json.loads(summary_file.read_text(encoding="utf-8"))["metric_per_case"]})
         return per_case
 
     def run(self) -> list[dict]:

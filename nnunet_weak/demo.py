@@ -32,7 +32,7 @@ def _check_ids_free_or_ours(dataset_id: int, expected_name: str) -> None:
 
 
 def _phantom_matches(folder, num_train: int, seed: int) -> bool:
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     return dataset_json.get("phantom_seed") == seed and dataset_json.get("numTraining") == num_train
 
 

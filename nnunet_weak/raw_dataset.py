@@ -156,7 +156,7 @@ def load_raw_dataset(dataset: int | str | os.PathLike) -> RawDataset:
             f"dataset_format documentation), or convert your data with `nnunet-weak convert`."
         )
     try:
-        dataset_json = json.loads(json_file.read_text())
+        dataset_json = json.loads(json_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserInputError(f"{json_file} is not valid JSON: {e}.")
     for key in ("channel_names", "labels", "file_ending"):

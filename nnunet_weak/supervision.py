@@ -155,7 +155,7 @@ def read_manifest(raw_dataset_folder: str | os.PathLike) -> SupervisionManifest 
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserInputError(f"{path} is not valid JSON ({e}). Re-create it with `nnunet-weak convert`.")
     return manifest_from_json(data, source=str(path))

@@ -74,7 +74,7 @@ class IgnoreAwareFingerprintExtractor(DatasetFingerprintExtractor):
     def run(self, overwrite_existing: bool = False) -> dict:
         output_file = Path(nnUNet_preprocessed.require()) / self.dataset_name / "dataset_fingerprint.json"
         if output_file.is_file() and not overwrite_existing:
-            return json.loads(output_file.read_text())
+            return json.loads(output_file.read_text(encoding="utf-8"))
         ignore_label = self.dataset_json["labels"].get("ignore")
         first_case = next(iter(self.dataset.values()))
         reader_writer_class = determine_reader_writer_from_dataset_json(self.dataset_json, first_case["images"][0])

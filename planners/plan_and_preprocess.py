@@ -63,7 +63,7 @@ def ensure_splits(dataset_name: str, case_identifiers: Sequence[str]) -> list:
     """The dataset's ``splits_final.json``, created as nnU-Net's trainer would if missing."""
     path = _splits_for(dataset_name)
     if path.is_file():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     if len(case_identifiers) < 5:
         raise UserInputError(
             f"{dataset_name} has {len(case_identifiers)} training cases; nnU-Net's 5-fold split needs at "
@@ -98,11 +98,11 @@ def copy_plans(source: int | str, target: int | str, plans_identifier: str = "nn
             f"{source_plans} does not exist: plan the source dataset first "
             f"(`nnunet-weak plan_and_preprocess -d {src.name[7:10]}`)."
         )
-    plans = json.loads(source_plans.read_text())
+    plans = json.loads(source_plans.read_text(encoding="utf-8"))
     plans["dataset_name"] = dst.name
     target_folder = preprocessed / dst.name
     target_folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(json.loads((preprocessed / src.name / "dataset_fingerprint.json").read_text()),
+    write_json_atomic(json.loads((preprocessed / src.name / "dataset_fingerprint.json").read_text(encoding="utf-8")),
                       target_folder / "dataset_fingerprint.json")
     write_json_atomic(plans, target_folder / f"{plans_identifier}.json")
     # nnU-Net's planner copies the raw dataset.json beside the plans; the preprocessor reads it there

@@ -56,7 +56,7 @@ def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):
 
     rng = np.random.default_rng(0)
     preprocessed = copies["nnUNet_preprocessed"] / SEMI / "nnUNetPlans_2d"
-    manifest = json.loads((copies["nnUNet_raw"] / SEMI / "supervision.json").read_text())["cases"]
+    manifest = json.loads((copies["nnUNet_raw"] / SEMI / "supervision.json").read_text(encoding="utf-8"))["cases"]
     unlabelled = [case for case, entry in manifest.items() if entry["supervision"] == "unlabelled"]
     assert len(unlabelled) == 4
     dataset = nnUNetDatasetBlosc2(str(preprocessed), unlabelled)
@@ -93,10 +93,10 @@ def test_stock_train_then_predict_uses_the_first_network_only(workspace, tmp_pat
     env = dict(env, nnUNet_n_proc_DA="1", NNUNET_WEAK_TRAINER_OPTIONS="lambda_omni=0.1")
     run_checked([BIN / "nnUNetv2_train", "982", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
     fold = folders["nnUNet_results"] / SEMI / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    assert json.loads((fold / "nnunet_weak_run.json").read_text())["options"]["lambda_omni"] == 0.1
+    assert json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))["options"]["lambda_omni"] == 0.1
     assert (fold / "validation" / "summary_dense.json").is_file()
 
-    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SEMI / "splits_final.json").read_text())[0]["val"]
+    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SEMI / "splits_final.json").read_text(encoding="utf-8"))[0]["val"]
     images = tmp_path / "images"
     images.mkdir()
     for case in validation_cases:

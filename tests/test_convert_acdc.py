@@ -98,7 +98,7 @@ def test_official_layout(official_layout, nnunet_folders):
     original = sitk.ReadImage(str(root / case[:10] / f"{case}.nii.gz"))
     converted = sitk.ReadImage(str(sparse.folder / "imagesTr" / f"{case}_0000.nii.gz"))
     assert converted.GetSpacing() == pytest.approx(original.GetSpacing())
-    splits = [json.loads((nnunet_folders["nnUNet_preprocessed"] / d / "splits_final.json").read_text())
+    splits = [json.loads((nnunet_folders["nnUNet_preprocessed"] / d / "splits_final.json").read_text(encoding="utf-8"))
               for d in (sparse.name, dense.name)]
     assert splits[0] == splits[1] and len(splits[0]) == 5
     for fold in splits[0]:

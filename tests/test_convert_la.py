@@ -67,7 +67,7 @@ def test_official_layout_semi_supervised(official_layout, nnunet_folders):
     assert label.GetSpacing() == pytest.approx((0.625, 0.625, 1.25))
     unlabelled = sitk.GetArrayFromImage(sitk.ReadImage(str(semi.folder / "labelsTr" / f"{CASES[3]}.nii.gz")))
     assert np.all(unlabelled == 2)
-    splits = json.loads((nnunet_folders["nnUNet_preprocessed"] / semi.name / "splits_final.json").read_text())
+    splits = json.loads((nnunet_folders["nnUNet_preprocessed"] / semi.name / "splits_final.json").read_text(encoding="utf-8"))
     assert sorted(splits[0]["train"] + splits[0]["val"]) == sorted(CASES[:6])
 
 

@@ -89,7 +89,7 @@ def test_ignore_label_must_be_highest(small_dataset):
 
 
 def _edit_json(path, edit):
-    content = json.loads(path.read_text())
+    content = json.loads(path.read_text(encoding="utf-8"))
     edit(content)
     path.write_text(json.dumps(content))
 

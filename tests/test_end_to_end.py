@@ -37,7 +37,7 @@ def test_train_continue_validate_predict_score(workspace):
     run_checked(train, env)
     fold = fold_folder(folders, SPARSE)
     assert (fold / "checkpoint_final.pth").is_file()
-    record = json.loads((fold / "nnunet_weak_run.json").read_text())
+    record = json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))
     assert record["budget"]["name"] == "smoke" and record["seed"] == 5
 
     # the dense-label monitor scored every epoch, and drew it
@@ -46,9 +46,9 @@ def test_train_continue_validate_predict_score(workspace):
         assert len(logged[key]) == 2 and all(len(v) == 3 for v in logged[key])
     assert all(0 <= v <= 1 for epoch in logged["dense_background_as_class"] for v in epoch)
     assert (fold / "dense_monitor.png").is_file()
-    dense_summary = json.loads((fold / "validation" / "summary_dense.json").read_text())
+    dense_summary = json.loads((fold / "validation" / "summary_dense.json").read_text(encoding="utf-8"))
     assert dense_summary["reference"] == "dense labels"
-    val_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text())[0]["val"]
+    val_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text(encoding="utf-8"))[0]["val"]
     assert sorted(c["case"] for c in dense_summary["metric_per_case"]) == sorted(val_cases)
     assert all("labelsTr_dense" in c["reference"] for c in dense_summary["metric_per_case"])
     assert set(dense_summary["mean"]) == {"RV", "MYO", "LV"}
@@ -74,7 +74,7 @@ def test_train_continue_validate_predict_score(workspace):
          "-device", "cpu", "-npp", "1", "-nps", "1"], env)
     out = run_checked([BIN / "nnunet-weak", "evaluate", "-d", "951", "-i", predictions], env)
     assert "mean  Dice" in out.stdout
-    test_summary = json.loads((predictions / "summary_dense.json").read_text())
+    test_summary = json.loads((predictions / "summary_dense.json").read_text(encoding="utf-8"))
     assert len(test_summary["metric_per_case"]) == 2
     assert all("labelsTs" in c["reference"] for c in test_summary["metric_per_case"])
 
@@ -101,15 +101,15 @@ def test_compare_reuses_finished_runs(workspace):
          "--device", "cpu", "--disable_tta", "-o", output], env)
     assert (fold / "checkpoint_final.pth").stat().st_mtime == before
     assert (fold_folder(folders, DENSE) / "checkpoint_final.pth").is_file()
-    table = (output / "comparison.md").read_text()
+    table = (output / "comparison.md").read_text(encoding="utf-8")
     assert "nnU-Net dense (upper bound)" in table and "nnU-Net + partial loss" in table
     assert "budget smoke" in table
-    rows = (output / "comparison.csv").read_text().splitlines()
+    rows = (output / "comparison.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("method,trainer,dataset,Dice RV,Dice MYO,Dice LV,Dice mean")
     assert len(rows) == 3
     worst = "background as one class, worst (%)"
     reported = sorted(float(r[worst]) for r in csv.DictReader(rows))
-    scored = sorted(100 * max(v["BackgroundShare"] for v in json.loads(f.read_text())["mean"].values())
+    scored = sorted(100 * max(v["BackgroundShare"] for v in json.loads(f.read_text(encoding="utf-8"))["mean"].values())
                     for f in (output / "scores").glob("*.json"))
     assert reported == pytest.approx(scored)
     assert (output / "comparison_dice.png").stat().st_size > 1000
@@ -135,12 +135,12 @@ def test_compare_with_seeds_reports_validation_and_paired_differences(workspace)
 
     for trainer in trainers:
         for seed in (0, 1):
-            assert json.loads((fold(trainer, seed) / "nnunet_weak_run.json").read_text())["seed"] == seed
+            assert json.loads((fold(trainer, seed) / "nnunet_weak_run.json").read_text(encoding="utf-8"))["seed"] == seed
 
     def validation(trainer, seed):
-        return json.loads((fold(trainer, seed) / "validation" / "summary_dense.json").read_text())
+        return json.loads((fold(trainer, seed) / "validation" / "summary_dense.json").read_text(encoding="utf-8"))
 
-    rows = {r["trainer"]: r for r in csv.DictReader((output / "comparison.csv").read_text().splitlines())}
+    rows = {r["trainer"]: r for r in csv.DictReader((output / "comparison.csv").read_text(encoding="utf-8").splitlines())}
     for trainer in trainers:
         means = [validation(trainer, seed)["foreground_mean"]["Dice"] for seed in (0, 1)]
         assert float(rows[trainer]["validation Dice mean"]) == pytest.approx(np.mean(means))
@@ -157,12 +157,12 @@ def test_compare_with_seeds_reports_validation_and_paired_differences(workspace)
 
     method, baseline = per_case_mean_dice(trainers[1]), per_case_mean_dice(trainers[0])
     expected = np.nanmean([method[c] - baseline[c] for c in sorted(method)])
-    paired = [r for r in csv.DictReader((output / "comparison_paired.csv").read_text().splitlines())
+    paired = [r for r in csv.DictReader((output / "comparison_paired.csv").read_text(encoding="utf-8").splitlines())
               if r["split"] == "validation" and r["score"] == "Dice mean"]
     assert len(paired) == 1 and paired[0]["method"] == trainers[1]
     assert paired[0]["baseline"] == "nnU-Net + partial loss"
     assert float(paired[0]["mean difference"]) == pytest.approx(expected)
-    table = (output / "comparison.md").read_text()
+    table = (output / "comparison.md").read_text(encoding="utf-8")
     assert "Validation: dense labels" in table and "Test: held-out" in table and "±" in table
     assert "Paired differences, method minus nnU-Net + partial loss" in table
 
@@ -177,7 +177,7 @@ def test_unlabelled_cases_never_reach_the_supervised_stream(workspace, monkeypat
     raw = folders["nnUNet_raw"]
     shutil.copytree(raw / SPARSE, raw / SEMI)
     manifest_file = raw / SEMI / "supervision.json"
-    manifest = json.loads(manifest_file.read_text())
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     unlabelled = sorted(manifest["cases"])[:2]
     from nnunet_weak.raw_dataset import write_volume
     import SimpleITK as sitk
@@ -194,9 +194,9 @@ def test_unlabelled_cases_never_reach_the_supervised_stream(workspace, monkeypat
         monkeypatch.setenv(name, value)
     from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
     pre = folders["nnUNet_preprocessed"] / SEMI
-    trainer = nnUNetWeakTrainer(dict(json.loads((pre / "nnUNetPlans.json").read_text()), continue_training=False),
-                                "2d", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
-    splits = json.loads((pre / "splits_final.json").read_text())[0]
+    trainer = nnUNetWeakTrainer(dict(json.loads((pre / "nnUNetPlans.json").read_text(encoding="utf-8")), continue_training=False),
+                                "2d", 0, json.loads((pre / "dataset.json").read_text(encoding="utf-8")), torch.device("cpu"))
+    splits = json.loads((pre / "splits_final.json").read_text(encoding="utf-8"))[0]
     tr_keys, val_keys = trainer.do_split()
     assert set(tr_keys) == set(splits["train"]) - set(unlabelled)
     assert val_keys == splits["val"]

@@ -95,7 +95,7 @@ def test_score_cases_writes_json_and_refuses_sparse_reference(tmp_path):
     write_volume(pred, (5.0, 1.0, 1.0), tmp_path / "pred.nii.gz")
     out = tmp_path / "summary.json"
     summary = score_cases({"c": (tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1}, out)
-    assert json.loads(out.read_text())["mean"]["fg"]["Dice"] == pytest.approx(2 * 24 / (24 + 48))
+    assert json.loads(out.read_text(encoding="utf-8"))["mean"]["fg"]["Dice"] == pytest.approx(2 * 24 / (24 + 48))
     assert summary["foreground_mean"]["Dice"] == pytest.approx(2 / 3)
 
     sparse = ref.copy()

@@ -50,7 +50,7 @@ def test_ignore_aware_fingerprint_statistics(nnunet_folders):
     assert ours["spacings"] == stock["spacings"]
     assert [list(s) for s in ours["shapes_after_crop"]] == [list(s) for s in stock["shapes_after_crop"]]
     written = json.loads((nnunet_folders["nnUNet_preprocessed"] / "Dataset601_CT" / "dataset_fingerprint.json")
-                         .read_text())
+                         .read_text(encoding="utf-8"))
     assert written["foreground_intensity_properties_per_channel"]["0"]["mean"] == pytest.approx(ours_stats["mean"])
 
 
@@ -70,13 +70,13 @@ def test_copy_plans_between_twins(nnunet_folders):
     plan_and_preprocess([602], configurations=["2d"], num_processes=[1], plans_from=604)
 
     pre = nnunet_folders["nnUNet_preprocessed"]
-    dense_plans = json.loads((pre / "Dataset604_Dense" / "nnUNetPlans.json").read_text())
-    sparse_plans = json.loads((pre / "Dataset602_Sparse" / "nnUNetPlans.json").read_text())
+    dense_plans = json.loads((pre / "Dataset604_Dense" / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    sparse_plans = json.loads((pre / "Dataset602_Sparse" / "nnUNetPlans.json").read_text(encoding="utf-8"))
     assert sparse_plans.pop("dataset_name") == "Dataset602_Sparse"
     dense_plans.pop("dataset_name")
     assert sparse_plans == dense_plans
-    assert ((pre / "Dataset602_Sparse" / "splits_final.json").read_text()
-            == (pre / "Dataset604_Dense" / "splits_final.json").read_text())
+    assert ((pre / "Dataset602_Sparse" / "splits_final.json").read_text(encoding="utf-8")
+            == (pre / "Dataset604_Dense" / "splits_final.json").read_text(encoding="utf-8"))
     assert (pre / "Dataset602_Sparse" / "nnUNetPlans_2d").is_dir()
 
 
@@ -96,8 +96,8 @@ def test_cpu_planner_halves_in_plane_resolution_and_caps_batch(nnunet_folders):
     plan_and_preprocess([605], configurations=["2d"], num_processes_fingerprint=1, no_pp=True)
     plan_and_preprocess([605], planner="nnUNetPlannerCPU", no_pp=True)
     pre = nnunet_folders["nnUNet_preprocessed"] / "Dataset605_Phantom"
-    stock = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"]
-    cpu = json.loads((pre / "nnUNetPlansCPU.json").read_text())["configurations"]
+    stock = json.loads((pre / "nnUNetPlans.json").read_text(encoding="utf-8"))["configurations"]
+    cpu = json.loads((pre / "nnUNetPlansCPU.json").read_text(encoding="utf-8"))["configurations"]
     for configuration in ("2d", "3d_fullres"):
         stock_spacing, cpu_spacing = stock[configuration]["spacing"], cpu[configuration]["spacing"]
         assert cpu_spacing[-1] == pytest.approx(2 * stock_spacing[-1])

@@ -94,7 +94,7 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
     train = [BIN / "nnUNetv2_train", "961", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
     run_checked(train, env)
     fold = folders["nnUNet_results"] / SPARSE / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    record = json.loads((fold / "nnunet_weak_run.json").read_text())
+    record = json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))
     assert record["options"] == {"lambda_crf": 0.2, "lambda_attentive": 0.1, "crf_rampup": 0.5,
                                  "attentive_rampup": 0.5}
     assert (fold / "loss_components.png").stat().st_size > 0
@@ -104,7 +104,7 @@ def test_stock_train_then_predict_reproduces_validation(workspace, tmp_path):
                              capture_output=True, encoding="utf-8", errors="replace")
     assert refused.returncode != 0 and "was started with options" in refused.stdout + refused.stderr
 
-    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text())[0]["val"]
+    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SPARSE / "splits_final.json").read_text(encoding="utf-8"))[0]["val"]
     images = tmp_path / "images"
     images.mkdir()
     for case in validation_cases:

@@ -417,7 +417,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         # checked before nnU-Net starts its data-augmentation workers, so that a refusal exits cleanly
         record_file = Path(self.output_folder) / RUN_RECORD
         if self.current_epoch > 0 and record_file.is_file():
-            recorded = json.loads(record_file.read_text())
+            recorded = json.loads(record_file.read_text(encoding="utf-8"))
             if parse_budget(recorded["budget"]["name"]) != self.budget:
                 raise RuntimeError(
                     f"This run was started with budget '{recorded['budget']['name']}' but NNUNET_WEAK_BUDGET is "
