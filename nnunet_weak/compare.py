@@ -17,7 +17,10 @@ Validation and test are kept apart: every row reports the score of the folds' va
 their dense labels (``validation/summary_dense.json``, pooled over the folds: cross-validated when
 all five ran), on which choices are made, beside the test score, which is for the final report.
 With ``--seeds N`` every run is trained N times (``NNUNET_WEAK_SEED`` 0 … N-1, each seed in its own
-``$nnUNet_results/nnunet_weak_seeds/seed_K``), and rows give mean ± sd over the seeds. Every sparse
+``$nnUNet_results/nnunet_weak_seeds/seed_K``), and rows give mean ± sd over the seeds. Options set in
+``NNUNET_WEAK_TRAINER_OPTIONS`` that differ from a trainer's defaults name the row and put its runs in
+``$nnUNet_results/nnunet_weak_options/<options>`` (``FoldTraining``), so that runs with other option values
+are never mixed up. Every sparse
 row is compared with the partial-loss baseline case by case (per-case scores averaged over seeds):
 the mean difference, its bootstrap 95 % interval and the Wilcoxon signed-rank p-value
 (``nnunet_weak.statistics``), on the validation cases and on the test cases.
@@ -25,6 +28,7 @@ the mean difference, its bootstrap 95 % interval and the Wilcoxon signed-rank p-
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -43,12 +47,12 @@ from tqdm import tqdm
 
 from nnunet_weak.atomic import staged_directory, write_text_atomic
 from nnunet_weak.budget import BUDGET_ENV, Budget, parse_budget
-from nnunet_weak.environment import (check_trainer_exists, environment_with_trainers, nnunet_command,
-                                     required_folder)
+from nnunet_weak.environment import environment_with_trainers, find_trainer_class, nnunet_command, required_folder
 from nnunet_weak.errors import StepFailed, UserInputError
 from nnunet_weak.evaluation import score_cases, summarise
-from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
+from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset, read_volume
 from nnunet_weak.statistics import paired_difference
+from nnunet_weak.training.options import OPTIONS_ENV, parse_trainer_options
 from nnunet_weak.training.weak_trainer import DENSE_SUMMARY, RUN_RECORD, SEED_ENV
 
 BASE_TRAINER = "nnUNetWeakTrainer"
@@ -56,15 +60,40 @@ BASE_TRAINER = "nnUNetWeakTrainer"
 
 @dataclass(frozen=True)
 class Run:
-    """One row of the comparison: a trainer trained on one dataset."""
+    """One row of a table: a trainer trained on one dataset with one set of options."""
 
     method: str
     trainer: str
     dataset: RawDataset
+    # NNUNET_WEAK_TRAINER_OPTIONS text of the values that differ from the trainer's defaults ("": its defaults)
+    options: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.dataset.name}__{self.trainer}"
+        key = f"{self.dataset.name}__{self.trainer}"
+        return f"{key}__{self.options}" if self.options else key
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_defaults(trainer: str) -> dict[str, float]:
+    """A trainer's options with their defaults (its ``tunable_options``; none for nnU-Net's own trainers)."""
+    return dict(getattr(find_trainer_class(trainer), "tunable_options", {}))
+
+
+def _number(value: float) -> str:
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def non_default_options(options: dict[str, float], defaults: dict[str, float]) -> str:
+    """The ``NNUNET_WEAK_TRAINER_OPTIONS`` text of the values that differ from ``defaults``, names sorted."""
+    return ",".join(f"{name}={_number(options[name])}" for name in sorted(options) if options[name] != defaults[name])
+
+
+def options_from_environment(trainer: str) -> str:
+    """The non-default options ``NNUNET_WEAK_TRAINER_OPTIONS`` gives ``trainer`` (a clear error for unknown ones)."""
+    defaults = trainer_defaults(trainer)
+    return non_default_options(parse_trainer_options(os.environ.get(OPTIONS_ENV, ""), defaults, trainer), defaults)
 
 
 def method_name(trainer: str, dataset: RawDataset, dense: bool) -> str:
@@ -128,61 +157,53 @@ def run_logged(command: Sequence[str], env: dict, log_file: Path, description: s
                          f"Full log: {log_file}")
 
 
-class Comparison:
-    """Everything one ``compare`` call needs; ``run()`` does the work and returns the table rows."""
+class FoldTraining:
+    """Runs of the stock ``nnUNetv2_train``, one results folder per option set and seed, reused when finished.
 
-    def __init__(self, dense: int | str | None, sparse: int | str, trainers: Sequence[str], budget: str,
-                 configuration: str = "2d", folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans",
-                 device: str | None = None, disable_tta: bool = False, retrain: bool = False,
-                 output: str | os.PathLike | None = None, seeds: int = 0):
+    Where a run goes: ``$nnUNet_results`` itself for a trainer's default options without a seed;
+    ``$nnUNet_results/nnunet_weak_options/<options>`` for other option values (``Run.options``); and
+    ``.../nnunet_weak_seeds/seed_K`` under either for seed K (``NNUNET_WEAK_SEED``). A finished run is
+    reused only when its ``nnunet_weak_run.json`` records the same budget, seed and options, and an
+    unfinished one is continued (``--c``) only then; otherwise it is an error, or retrained with ``retrain``.
+    """
+
+    output: Path  # set by a subclass; training logs go under output/logs
+
+    def __init__(self, budget: str, configuration: str, folds: Sequence[str], plans: str, device: str | None,
+                 retrain: bool, seeds: int):
         self.budget: Budget = parse_budget(budget)
         if seeds < 0:
             raise UserInputError(f"--seeds must be 0 (unseeded runs) or a positive number of seeds, got {seeds}.")
-        # None: one run as nnU-Net trains it, unseeded, in nnUNet_results itself
+        # None: one run as nnU-Net trains it, unseeded
         self.seeds: list[int | None] = list(range(seeds)) if seeds else [None]
-        for trainer in dict.fromkeys(trainers):
-            check_trainer_exists(trainer)
-        self.sparse = load_raw_dataset(sparse)
-        self.dense = load_raw_dataset(dense) if dense is not None else None
-        if self.dense is not None:
-            check_same_plans_and_splits(self.dense, self.sparse, plans)
-        self.test_cases = self.sparse.test_cases()
-        unlabelled = [c for c, (_, label) in self.test_cases.items() if label is None]
-        if not self.test_cases:
-            raise UserInputError(f"{self.sparse.folder} has no imagesTs: compare scores held-out test cases.")
-        if unlabelled:
-            raise UserInputError(f"Test case(s) {unlabelled[:3]} of {self.sparse.name} have no dense label in "
-                                 f"labelsTs; every test case needs one to be scored.")
         self.configuration, self.plans = configuration, plans
         self.folds = [str(f) for f in dict.fromkeys(folds)]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.disable_tta, self.retrain = disable_tta, retrain
-        self.output = Path(output) if output else (
-            required_folder("nnUNet_results") / "nnunet_weak_compare" /
-            f"{self.sparse.name}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
-        self.runs = ([Run(method_name(BASE_TRAINER, self.dense, True), BASE_TRAINER, self.dense)] if self.dense else [])
-        self.runs += [Run(method_name(t, self.sparse, False), t, self.sparse) for t in dict.fromkeys(trainers)]
+        self.retrain = retrain
         self.env = environment_with_trainers()
         self.env[BUDGET_ENV] = self.budget.name
 
     @staticmethod
-    def results_root(seed: int | None) -> Path:
-        """Where nnU-Net writes the runs of one seed (``nnUNet_results`` itself for unseeded runs)."""
+    def results_root(run: Run, seed: int | None) -> Path:
+        """The ``nnUNet_results`` of one run and seed."""
         root = required_folder("nnUNet_results")
+        if run.options:
+            root = root / "nnunet_weak_options" / run.options
         return root if seed is None else root / "nnunet_weak_seeds" / f"seed_{seed}"
 
-    def environment(self, seed: int | None) -> dict:
-        """The environment of the nnU-Net commands of one seed."""
-        if seed is None:
-            return self.env
-        return {**self.env, "nnUNet_results": str(self.results_root(seed)), SEED_ENV: str(seed)}
+    def environment(self, run: Run, seed: int | None) -> dict:
+        """The environment of the nnU-Net commands of one run and seed."""
+        env = {**self.env, "nnUNet_results": str(self.results_root(run, seed)), OPTIONS_ENV: run.options}
+        if seed is not None:
+            env[SEED_ENV] = str(seed)
+        return env
 
     @staticmethod
     def seed_key(run: Run, seed: int | None) -> str:
         return run.key if seed is None else f"{run.key}__seed{seed}"
 
     def fold_folder(self, run: Run, fold: str, seed: int | None = None) -> Path:
-        return (self.results_root(seed) / run.dataset.name /
+        return (self.results_root(run, seed) / run.dataset.name /
                 f"{run.trainer}__{self.plans}__{self.configuration}" / f"fold_{fold}")
 
     def train(self, run: Run, fold: str, seed: int | None = None) -> bool:
@@ -194,8 +215,10 @@ class Comparison:
         finished = (folder / "checkpoint_final.pth").is_file()
         same_budget = recorded is not None and parse_budget(recorded) == self.budget
         same_seed = seed is None or (record is not None and record.get("seed") == seed)
+        options = parse_trainer_options(run.options, trainer_defaults(run.trainer), run.trainer)
+        same_options = record is not None and record.get("options", {}) == options
         if finished and not self.retrain:
-            if same_budget and same_seed:
+            if same_budget and same_seed and same_options:
                 print(f"{run.method}: reusing the finished run in {folder}")
                 return False
             if not same_budget:
@@ -203,21 +226,69 @@ class Comparison:
                     f"{folder} holds a finished run with budget '{recorded}', not '{self.budget.name}'. "
                     f"Pass --retrain to replace it, or ask for budget '{recorded}'."
                 )
-            raise UserInputError(f"{folder} holds a finished run with seed {record.get('seed')}, not {seed}. Pass "
-                                 f"--retrain to replace it.")
+            if not same_seed:
+                raise UserInputError(f"{folder} holds a finished run with seed {record.get('seed')}, not {seed}. "
+                                     f"Pass --retrain to replace it.")
+            raise UserInputError(f"{folder} holds a finished run with options {record.get('options')}, not {options}. "
+                                 f"Pass --retrain to replace it.")
         command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, fold,
                    "-tr", run.trainer, "-p", self.plans, "-device", self.device]
-        resumable = ((folder / "checkpoint_latest.pth").is_file() and same_budget and same_seed
+        resumable = ((folder / "checkpoint_latest.pth").is_file() and same_budget and same_seed and same_options
                      and not self.retrain)
         if resumable:
             command.append("--c")
         elif folder.exists():
             shutil.rmtree(folder)
         seed_text = "" if seed is None else f", seed {seed}"
-        run_logged(command, self.environment(seed),
+        run_logged(command, self.environment(run, seed),
                    self.output / "logs" / f"{self.seed_key(run, seed)}__fold{fold}__train.log",
                    f"{run.method}: training fold {fold}{seed_text} ({self.budget.describe()})", self.budget.num_epochs)
         return True
+
+    def validation_scores(self, run: Run, seed: int | None) -> dict[str, dict]:
+        """Per validation case (pooled over the folds), its scores on dense labels from ``summary_dense.json``."""
+        per_case = {}
+        for fold in self.folds:
+            summary_file = self.fold_folder(run, fold, seed) / "validation" / DENSE_SUMMARY
+            if not summary_file.is_file():
+                raise UserInputError(f"{summary_file} does not exist: the run did not finish its validation. Run "
+                                     f"`nnUNetv2_train ... --val` for it, or retrain with --retrain.")
+            per_case.update({c["case"]: c["metrics"]
+                             for c in json.loads(summary_file.read_text(encoding="utf-8"))["metric_per_case"]})
+        return per_case
+
+
+class Comparison(FoldTraining):
+    """Everything one ``compare`` call needs; ``run()`` does the work and returns the table rows."""
+
+    def __init__(self, dense: int | str | None, sparse: int | str, trainers: Sequence[str], budget: str,
+                 configuration: str = "2d", folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans",
+                 device: str | None = None, disable_tta: bool = False, retrain: bool = False,
+                 output: str | os.PathLike | None = None, seeds: int = 0):
+        super().__init__(budget, configuration, folds, plans, device, retrain, seeds)
+        # unknown trainers and options are refused before anything is read
+        dense_trainers = [BASE_TRAINER] if dense is not None else []
+        options = {t: options_from_environment(t) for t in dict.fromkeys(dense_trainers + list(trainers))}
+        self.sparse = load_raw_dataset(sparse)
+        self.dense = load_raw_dataset(dense) if dense is not None else None
+        if self.dense is not None:
+            check_same_plans_and_splits(self.dense, self.sparse, plans)
+        self.test_cases = self.sparse.test_cases()
+        unlabelled = [c for c, (_, label) in self.test_cases.items() if label is None]
+        if not self.test_cases:
+            raise UserInputError(f"{self.sparse.folder} has no imagesTs: compare scores held-out test cases.")
+        if unlabelled:
+            raise UserInputError(f"Test case(s) {unlabelled[:3]} of {self.sparse.name} have no dense label in "
+                                 f"labelsTs; every test case needs one to be scored.")
+        self.disable_tta = disable_tta
+        self.output = Path(output) if output else (
+            required_folder("nnUNet_results") / "nnunet_weak_compare" /
+            f"{self.sparse.name}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
+        self.runs = []
+        for dataset, trainer in [(self.dense, t) for t in dense_trainers] + [(self.sparse, t) for t in dict.fromkeys(trainers)]:
+            method = method_name(trainer, dataset, dataset is self.dense)
+            name = f"{method} ({options[trainer]})" if options[trainer] else method
+            self.runs.append(Run(name, trainer, dataset, options[trainer]))
 
     def predict(self, run: Run, retrained: bool, seed: int | None = None) -> Path:
         """Predict the test images with the stock predictor (reused unless the model changed)."""
@@ -231,7 +302,7 @@ class Comparison:
                        "-chk", "checkpoint_final.pth", "-device", self.device, "-npp", "1", "-nps", "1"]
             if self.disable_tta:
                 command.append("--disable_tta")
-            run_logged(command, self.environment(seed), self.output / "logs" / f"{self.seed_key(run, seed)}__predict.log",
+            run_logged(command, self.environment(run, seed), self.output / "logs" / f"{self.seed_key(run, seed)}__predict.log",
                        f"{run.method}: predicting {len(self.test_cases)} test cases")
         return target
 
@@ -245,17 +316,6 @@ class Comparison:
                            extra={"method": run.method, "trainer": run.trainer, "dataset": run.dataset.name,
                                   "budget": self.budget.to_json(), "configuration": self.configuration,
                                   "folds": self.folds, "seed": seed})
-
-    def validation_scores(self, run: Run, seed: int | None) -> dict[str, dict]:
-        """Per validation case (pooled over the folds), its scores on dense labels from ``summary_dense.json``."""
-        per_case = {}
-        for fold in self.folds:
-            summary_file = self.fold_folder(run, fold, seed) / "validation" / DENSE_SUMMARY
-            if not summary_file.is_file():
-                raise UserInputError(f"{summary_file} does not exist: the run did not finish its validation. Run "
-                                     f"`nnUNetv2_train ... --val` for it, or compare with --retrain.")
-            per_case.update({c["case"]: c["metrics"] for c in json.loads(summary_file.read_text(encoding="utf-8"))["metric_per_case"]})
-        return per_case
 
     def run(self) -> list[dict]:
         results = []
@@ -272,6 +332,7 @@ class Comparison:
                   f"(validation) ({time.time() - started:.0f} s)")
         rows = [r.row(self.sparse.class_labels) for r in results]
         self.write_outputs(rows, paired_against_baseline(results, self.sparse.class_labels, self.sparse.name))
+        self.write_figures(results)
         return rows
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -294,6 +355,52 @@ class Comparison:
         plot_dice_chart(rows, self.sparse.class_labels, self.output / "comparison_dice.png", self.caption())
         print("\n" + markdown)
         print(f"Wrote {self.output / 'comparison.md'}, comparison.csv and comparison_dice.png")
+
+    def write_figures(self, results: list[RunScores]) -> None:
+        """``comparison_cases.png``: the test cases where the partial-loss baseline (else the first row) has its
+        median and its lowest mean Dice, on the slice with the most dense foreground, every row's prediction
+        (its first seed) over the image; ``comparison_paired.png``: per case, each sparse row's mean Dice minus
+        the baseline's, on validation and test cases."""
+        from nnunet_weak.plots import (CaseOverlay, case_overlay_figure, own_style, paired_difference_figure,
+                                       save_figure_atomic)
+        labels = self.sparse.class_labels
+        baseline = next((r for r in results if r.run.trainer == BASE_TRAINER and r.run.dataset is self.sparse), None)
+        reference = baseline or results[0]
+        per_case = reference.per_case("test", labels)
+        ranked = sorted(per_case, key=lambda case: (np.nan_to_num(per_case[case]["Dice mean"], nan=-1.0), case))
+        cases = []
+        for case, rank in {ranked[len(ranked) // 2]: "median", ranked[0]: "lowest"}.items():
+            images, label = self.test_cases[case]
+            image, truth = as_slices(read_volume(images[0])[0]), as_slices(read_volume(label)[0])
+            index = int(np.argmax((truth > 0).reshape(len(truth), -1).sum(1)))
+            predictions = {}
+            for result in results:
+                folder = self.output / "predictions" / self.seed_key(result.run, self.seeds[0])
+                predictions[result.run.method] = as_slices(read_volume(folder / f"{case}{self.sparse.file_ending}")[0])[index]
+            cases.append(CaseOverlay(f"{case} slice {index}: {reference.run.method}'s {rank} mean Dice "
+                                     f"({per_case[case]['Dice mean']:.2f})", image[index], truth[index], predictions))
+        figures = {"comparison_cases.png": lambda: case_overlay_figure(cases, labels)}
+        others = [r for r in results if r is not baseline and r.run.dataset is self.sparse]
+        if baseline is not None and others:
+            differences = {}
+            for split in ("validation", "test"):
+                base = baseline.per_case(split, labels)
+                differences[split] = {}
+                for result in others:
+                    scores = result.per_case(split, labels)
+                    differences[split][result.run.method] = [scores[c]["Dice mean"] - base[c]["Dice mean"]
+                                                             for c in sorted(set(scores) & set(base))]
+            figures["comparison_paired.png"] = lambda: paired_difference_figure(differences, "mean Dice",
+                                                                                baseline.run.method)
+        with own_style():
+            for name, draw in figures.items():
+                save_figure_atomic(draw(), self.output / name)
+        print(f"Wrote {', '.join(figures)}")
+
+
+def as_slices(volume: np.ndarray) -> np.ndarray:
+    """A ``(z, y, x)`` volume as it is, a 2D ``(y, x)`` image as one slice."""
+    return volume[None] if volume.ndim == 2 else volume
 
 
 SCORE_COLUMNS = ("HD95 mean (mm)", "background as one class, worst (%)")
@@ -356,19 +463,13 @@ def _nanmax(values) -> float:
     return float(np.nanmax(values)) if np.any(~np.isnan(values)) else float("nan")
 
 
-def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse_dataset: str) -> list[dict]:
-    """Each sparse run minus the base trainer on the sparse dataset (the partial-loss baseline), case by case,
-    on validation and test cases; nothing without that baseline."""
-    baseline = next((r for r in results if r.run.trainer == BASE_TRAINER and r.run.dataset.name == sparse_dataset),
-                    None)
-    if baseline is None:
-        return []
+def paired_against(baseline: RunScores, others: Sequence[RunScores], class_labels: dict,
+                   splits: Sequence[str] = ("validation", "test")) -> list[dict]:
+    """Each of ``others`` minus ``baseline``, case by case (scores averaged over seeds), per split and score."""
     rows = []
-    for split in ("validation", "test"):
+    for split in splits:
         reference = baseline.per_case(split, class_labels)
-        for result in results:
-            if result is baseline or result.run.dataset.name != baseline.run.dataset.name:
-                continue
+        for result in others:
             scores = result.per_case(split, class_labels)
             cases = sorted(set(scores) & set(reference))
             for score in [f"Dice {n}" for n in class_labels] + ["Dice mean", "HD95 mean (mm)"]:
@@ -380,6 +481,17 @@ def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse
     return rows
 
 
+def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse_dataset: str) -> list[dict]:
+    """Each sparse run minus the base trainer on the sparse dataset (the partial-loss baseline), on validation
+    and test cases; nothing without that baseline."""
+    baseline = next((r for r in results if r.run.trainer == BASE_TRAINER and r.run.dataset.name == sparse_dataset),
+                    None)
+    if baseline is None:
+        return []
+    others = [r for r in results if r is not baseline and r.run.dataset.name == sparse_dataset]
+    return paired_against(baseline, others, class_labels)
+
+
 def _cell(row: dict, column: str) -> str:
     value = row[column]
     if not isinstance(value, float):
@@ -388,7 +500,7 @@ def _cell(row: dict, column: str) -> str:
     return f"{value:.3f}" if sd is None else f"{value:.3f} ± {sd:.3f}"
 
 
-def _table(rows: list[dict], columns: list[str], titles: list[str]) -> list[str]:
+def markdown_table(rows: list[dict], columns: list[str], titles: list[str]) -> list[str]:
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
     lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for row in rows]
     return lines
@@ -398,18 +510,25 @@ def format_markdown(rows: list[dict], paired: list[dict], caption: str) -> str:
     scores = [c for c in rows[0] if c.startswith("Dice ") or c in SCORE_COLUMNS]
     scores = [c for c in scores if not c.endswith(SD_SUFFIX)]
     lines = ["Validation: dense labels of the folds' validation cases (choices are made on these).", ""]
-    lines += _table(rows, ["method", "dataset", "seeds"] + [f"validation {c}" for c in scores],
+    lines += markdown_table(rows, ["method", "dataset", "seeds"] + [f"validation {c}" for c in scores],
                     ["method", "dataset", "seeds"] + scores)
     lines += ["", "Test: held-out cases (for the final report only).", ""]
-    lines += _table(rows, ["method", "dataset", "seeds"] + scores, ["method", "dataset", "seeds"] + scores)
-    if paired:
-        lines += ["", f"Paired differences, method minus {paired[0]['baseline']}, per case (scores averaged over "
-                      f"seeds): mean, bootstrap 95 % interval, Wilcoxon signed-rank p.", "",
-                  "| split | method | score | mean difference [95 % CI] | Wilcoxon p | cases |", "|---|---|---|---|---|---|"]
-        for row in paired:
-            lines.append(f"| {row['split']} | {row['method']} | {row['score']} | {row['mean difference']:+.3f} "
-                         f"[{row['ci low']:+.3f}, {row['ci high']:+.3f}] | {row['Wilcoxon p']:.3g} | {row['cases']} |")
+    lines += markdown_table(rows, ["method", "dataset", "seeds"] + scores, ["method", "dataset", "seeds"] + scores)
+    lines += paired_lines(paired)
     return "\n".join(lines) + f"\n\n{caption}\n"
+
+
+def paired_lines(paired: list[dict]) -> list[str]:
+    """The markdown table of paired differences (none for no rows), headed by its baseline."""
+    if not paired:
+        return []
+    lines = ["", f"Paired differences, method minus {paired[0]['baseline']}, per case (scores averaged over "
+                 f"seeds): mean, bootstrap 95 % interval, Wilcoxon signed-rank p.", "",
+             "| split | method | score | mean difference [95 % CI] | Wilcoxon p | cases |", "|---|---|---|---|---|---|"]
+    for row in paired:
+        lines.append(f"| {row['split']} | {row['method']} | {row['score']} | {row['mean difference']:+.3f} "
+                     f"[{row['ci low']:+.3f}, {row['ci high']:+.3f}] | {row['Wilcoxon p']:.3g} | {row['cases']} |")
+    return lines
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -424,11 +543,9 @@ def format_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def plot_dice_chart(rows: list[dict], class_labels: dict, path: Path, caption: str) -> None:
-    """Grouped bar chart: per-class and mean Dice, one bar per method."""
-    import numpy as np
-
-    from nnunet_weak.plots import plt, save_figure_atomic
+def dice_chart_figure(rows: list[dict], class_labels: dict, caption: str):
+    """Grouped bar chart: per-class and mean Dice, one bar per method, the caption wrapped inside the figure."""
+    from nnunet_weak.plots import plt
     groups = list(class_labels) + ["mean"]
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(rows) / 2)), 4.5))
@@ -441,9 +558,15 @@ def plot_dice_chart(rows: list[dict], class_labels: dict, path: Path, caption: s
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("Dice (dense labels)")
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("\n".join(textwrap.wrap(caption, 110)), fontsize=8)
+    # about 14 characters of 8-point text per inch of figure width
+    ax.set_title("\n".join(textwrap.wrap(caption, int(12 * fig.get_figwidth()))), fontsize=8)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    return fig
+
+
+def plot_dice_chart(rows: list[dict], class_labels: dict, path: Path, caption: str) -> None:
+    from nnunet_weak.plots import save_figure_atomic
+    save_figure_atomic(dice_chart_figure(rows, class_labels, caption), path)
 
 
 def compare_from_args(args) -> list[dict]:

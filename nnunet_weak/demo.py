@@ -3,8 +3,9 @@
 1. generate the phantom and write a dense dataset and its scribble twin (``convert phantom``);
 2. plan and preprocess the dense dataset (2d) with the ignore-aware fingerprint, and give the
    scribble dataset the same plans and splits (``plan_and_preprocess --plans_from``);
-3. compare dense nnU-Net (upper bound) with nnU-Net + partial loss on the scribbles (and any other
-   trainers asked for), scored on the dense labels of held-out test cases (``compare``).
+3. compare dense nnU-Net (upper bound) with nnU-Net + partial loss and ``ScribbleAttentionTrainer`` on
+   the scribbles (or the trainers asked for), scored on the dense labels of held-out test cases, with
+   the validation scores, the paired statistics and the figures (``compare``).
 
 Every step reuses what a previous demo run already finished.
 """

@@ -72,8 +72,8 @@ def project_trainer_names() -> list[str]:
     return sorted(set(names) | {p.stem for p in trainers_folder().glob("*.py") if not p.stem.startswith("_")})
 
 
-def check_trainer_exists(name: str) -> None:
-    """Look ``name`` up as ``nnUNetv2_train -tr`` would (nnU-Net's own trainers, then ours)."""
+def find_trainer_class(name: str) -> type:
+    """The trainer class ``nnUNetv2_train -tr name`` would use (nnU-Net's own trainers, then ours)."""
     import contextlib
     import io
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -81,7 +81,7 @@ def check_trainer_exists(name: str) -> None:
     os.environ["nnUNet_extTrainer"] = ext_trainer_value(previous)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            recursive_find_trainer_class_by_name(name)
+            return recursive_find_trainer_class_by_name(name)
     except (RuntimeError, AssertionError):
         raise UserInputError(
             f"No trainer named '{name}'. The project's trainers: {', '.join(project_trainer_names())}; "

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -71,3 +74,69 @@ def _plot_dense_monitor(class_names, dense_dice, background_as, pseudo_dice, pat
     right.legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path)
+
+
+@dataclass
+class CaseOverlay:
+    """One row of ``case_overlay_figure``: a 2D slice of a case, its dense truth and each method's prediction.
+
+    ``image`` is ``(y, x)`` intensities; ``truth`` and every ``predictions`` value are ``(y, x)`` label maps.
+    """
+
+    title: str
+    image: np.ndarray
+    truth: np.ndarray
+    predictions: dict[str, np.ndarray]
+
+
+def class_colours(class_labels: dict[str, int]) -> dict[str, str]:
+    return {name: f"C{index}" for index, name in enumerate(class_labels)}
+
+
+def case_overlay_figure(cases: list[CaseOverlay], class_labels: dict[str, int]):
+    """Rows of cases; columns: the image, the dense truth and each method's prediction over it, one class legend."""
+    from matplotlib.colors import ListedColormap, to_rgba
+    from matplotlib.patches import Patch
+    methods = list(cases[0].predictions)
+    colours = class_colours(class_labels)
+    columns = ["image", "dense truth", *methods]
+    fig, axes = plt.subplots(len(cases), len(columns), figsize=(2.4 * len(columns), 2.6 * len(cases) + 0.8),
+                             squeeze=False)
+    lookup = np.zeros((max(class_labels.values()) + 1, 4))
+    for name, value in class_labels.items():
+        lookup[value] = to_rgba(colours[name], 0.55)
+    for row, case in zip(axes, cases):
+        for axis, column in zip(row, columns):
+            axis.imshow(case.image, cmap="gray")
+            if column != "image":
+                labels = case.truth if column == "dense truth" else case.predictions[column]
+                axis.imshow(lookup[np.clip(labels, 0, len(lookup) - 1)], interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title("\n".join(textwrap.wrap(column, 24, break_long_words=False)), fontsize=8)
+        row[0].set_ylabel("\n".join(textwrap.wrap(case.title, 30, break_long_words=False)), fontsize=7)
+    fig.legend(handles=[Patch(color=colours[name], label=name) for name in class_labels], loc="lower center",
+               ncol=len(class_labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def paired_difference_figure(differences: dict[str, dict[str, list[float]]], score: str, baseline: str):
+    """Per split (a panel), per method: each case's ``score`` minus the baseline's, as a box and its points."""
+    splits = list(differences)
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    for axis, split in zip(axes[0], splits):
+        methods = list(differences[split])
+        values = [np.asarray(differences[split][m], dtype=float) for m in methods]
+        values = [v[~np.isnan(v)] for v in values]
+        axis.boxplot(values, showfliers=False)
+        for position, points in enumerate(values, start=1):
+            axis.scatter(position + rng.uniform(-0.12, 0.12, len(points)), points, s=10, alpha=0.6)
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_xticks(range(1, len(methods) + 1), ["\n".join(textwrap.wrap(m, 18, break_long_words=False)) for m in methods], fontsize=7)
+        axis.set_ylabel(f"{score}: method − baseline", fontsize=8)
+        axis.set_title(f"{split} cases", fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(f"Per case, minus {baseline}", 80)), fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,4 +1,5 @@
 """The command line: --help everywhere, the environment lines, clear errors for bad input."""
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,13 @@ def test_unknown_trainer_and_budget(nnunet_folders, capsys):
     assert "ScribbleAttentionTrainer_noCRF" in err  # variants are listed, not only modules
     err = _error_of(["compare", "--dense", "1", "--sparse", "2", "--budget", "forever"], capsys)
     assert "Unknown budget 'forever'" in err
+
+
+def test_tables_print_in_an_ascii_locale():
+    """A terminal whose locale cannot encode ± gets a stand-in character, not a crash (CI's locale is ASCII)."""
+    env = dict(os.environ, PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LC_ALL="C", LANG="C")
+    code = ("import nnunet_weak.cli as cli; cli._cmd_env = lambda args: print('0.848 \\u00b1 0.010'); "
+            "raise SystemExit(cli.main(['env']))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.strip() == b"0.848 ? 0.010"

@@ -6,6 +6,7 @@ convert -> nnUNetv2_plan_and_preprocess (dense) -> nnunet-weak plan_and_preproce
 """
 import csv
 import json
+import os
 import shutil
 import subprocess
 
@@ -165,11 +166,75 @@ def test_compare_with_seeds_reports_validation_and_paired_differences(workspace)
     table = (output / "comparison.md").read_text(encoding="utf-8")
     assert "Validation: dense labels" in table and "Test: held-out" in table and "±" in table
     assert "Paired differences, method minus nnU-Net + partial loss" in table
+    for figure in ("comparison_dice.png", "comparison_cases.png", "comparison_paired.png"):
+        assert (output / figure).stat().st_size > 10_000
 
     # finished seeds are reused
     before = fold(trainers[0], 1).joinpath("checkpoint_final.pth").stat().st_mtime
     run_checked(command, env)
     assert fold(trainers[0], 1).joinpath("checkpoint_final.pth").stat().st_mtime == before
+
+
+AUDIT_HOOK = """
+import os
+import sys
+
+_forbidden = tuple(os.environ["FORBIDDEN_FOLDERS"].split(os.pathsep))
+_log = os.environ["FORBIDDEN_LOG"]
+
+
+def _record_forbidden(event, args):
+    if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if path.startswith(_forbidden):
+            with open(_log, "a") as log:
+                log.write(f"{event} {path}\\n")
+
+
+sys.addaudithook(_record_forbidden)
+"""
+
+
+def test_tune_chooses_on_validation_and_never_opens_the_test_set(workspace, tmp_path):
+    folders, env = workspace
+    raw = folders["nnUNet_raw"] / SPARSE
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK, encoding="utf-8")
+    log = tmp_path / "forbidden.log"
+    python_path = os.pathsep.join(filter(None, [str(tmp_path / "hook"), env.get("PYTHONPATH")]))
+    watched = dict(env, PYTHONPATH=python_path, FORBIDDEN_LOG=str(log),
+                   FORBIDDEN_FOLDERS=os.pathsep.join(str(raw / f) for f in ("imagesTs", "labelsTs")))
+    # the hook sees what a process opens there (and reaches subprocesses)
+    run_checked([BIN / "python", "-c", f"import os; os.listdir({str(raw / 'labelsTs')!r})"], watched)
+    assert "os.listdir" in log.read_text(encoding="utf-8")
+    log.unlink()
+
+    output = folders["nnUNet_results"] / "tuning"
+    run_checked([BIN / "nnunet-weak", "tune", "-d", "951", "-tr", "ScribbleAttentionTrainer", "--grid", "crf_rampup=0",
+                 "--budget", "smoke", "--device", "cpu", "--seeds", "1", "-o", output], watched)
+    assert not log.exists(), log.read_text(encoding="utf-8")
+
+    def fold(root):
+        return root / "nnunet_weak_seeds" / "seed_0" / SPARSE / "ScribbleAttentionTrainer__nnUNetPlans__2d" / "fold_0"
+
+    folds = {"defaults": fold(folders["nnUNet_results"]),
+             "crf_rampup=0": fold(folders["nnUNet_results"] / "nnunet_weak_options" / "crf_rampup=0")}
+    assert json.loads((folds["crf_rampup=0"] / "nnunet_weak_run.json").read_text(encoding="utf-8"))["options"][
+        "crf_rampup"] == 0
+    assert json.loads((folds["defaults"] / "nnunet_weak_run.json").read_text(encoding="utf-8"))["options"][
+        "crf_rampup"] == 0.5
+    rows = {r["method"]: r for r in csv.DictReader((output / "tuning.csv").read_text(encoding="utf-8").splitlines())}
+    assert set(rows) == set(folds)
+    for method, folder in folds.items():
+        summary = json.loads((folder / "validation" / "summary_dense.json").read_text(encoding="utf-8"))
+        assert float(rows[method]["Dice mean"]) == pytest.approx(summary["foreground_mean"]["Dice"])
+    paired = list(csv.DictReader((output / "tuning_paired.csv").read_text(encoding="utf-8").splitlines()))
+    assert {r["split"] for r in paired} == {"validation"} and {r["method"] for r in paired} == {"crf_rampup=0"}
+    assert {r["baseline"] for r in paired} == {"defaults"}
+    table = (output / "tuning.md").read_text(encoding="utf-8")
+    best = max(rows, key=lambda m: float(rows[m]["Dice mean"]))
+    assert "Highest mean validation Dice: " + ("the defaults" if best == "defaults" else best) in table
+    assert "no test case used" in table
 
 
 def test_unlabelled_cases_never_reach_the_supervised_stream(workspace, monkeypatch):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.evaluation import (background_share, confusion_matrix, dice_score, hd95, score_cases,
-                                    score_segmentation, surface_voxels)
+from nnunet_weak.evaluation import (background_share, confusion_matrix, dice_score, score_cases, score_segmentation,
+                                    summarise, surface_distances, wsl4mis_scores)
 from nnunet_weak.raw_dataset import write_volume
 
 
@@ -26,12 +26,22 @@ def reference_surface(mask):
     return out
 
 
-def reference_hd95(a, b, spacing):
-    """Brute force: all pairwise distances between surface voxel centres."""
+def reference_directed_distances(a, b, spacing):
+    """Brute force: from each surface voxel centre of a, the distance to the nearest surface voxel centre of b."""
     pa = np.argwhere(reference_surface(a)) * np.asarray(spacing)
     pb = np.argwhere(reference_surface(b)) * np.asarray(spacing)
-    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
-    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+def reference_hd95(a, b, spacing):
+    """The 95th percentile of both directions' distances pooled (MedPy's definition)."""
+    return np.percentile(np.concatenate([reference_directed_distances(a, b, spacing),
+                                         reference_directed_distances(b, a, spacing)]), 95)
+
+
+def reference_assd(a, b, spacing):
+    """The mean of both directions' distances pooled (MedPy's definition)."""
+    return np.concatenate([reference_directed_distances(a, b, spacing), reference_directed_distances(b, a, spacing)]).mean()
 
 
 def test_dice_against_counting():
@@ -43,36 +53,78 @@ def test_dice_against_counting():
     assert dice_score(a, np.zeros_like(a)) == 0.0
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_surface_matches_loops(seed):
-    mask = np.random.default_rng(seed).random((4, 6, 5)) > 0.4
-    np.testing.assert_array_equal(surface_voxels(mask), reference_surface(mask))
-
-
 @pytest.mark.parametrize("seed", range(6))
-def test_hd95_against_brute_force_anisotropic(seed):
+def test_surface_distances_against_brute_force_anisotropic(seed):
     rng = np.random.default_rng(seed)
     shape = (4, 9, 8) if seed % 2 else (10, 12)
     spacing = (7.5, 1.25, 1.5)[-len(shape):]
     a = rng.random(shape) > 0.7
     b = rng.random(shape) > 0.6
-    assert hd95(a, b, spacing) == pytest.approx(reference_hd95(a, b, spacing), rel=1e-6)
+    scores = surface_distances(a, b, spacing)
+    assert scores["HD95"] == pytest.approx(reference_hd95(a, b, spacing), rel=1e-6)
+    assert scores["ASSD"] == pytest.approx(reference_assd(a, b, spacing), rel=1e-6)
 
 
-def test_hd95_empty_conventions():
+def test_surface_distance_empty_conventions():
     empty = np.zeros((3, 4, 5), bool)
     some = empty.copy()
     some[1, 2, 2] = True
-    assert math.isnan(hd95(empty, empty, (2.0, 1.0, 1.0)))
-    assert hd95(some, empty, (2.0, 1.0, 1.0)) == pytest.approx(np.sqrt(6 ** 2 + 4 ** 2 + 5 ** 2))
-    assert hd95(some, some, (2.0, 1.0, 1.0)) == 0.0
+    assert all(math.isnan(v) for v in surface_distances(empty, empty, (2.0, 1.0, 1.0)).values())
+    diagonal = np.sqrt(6 ** 2 + 4 ** 2 + 5 ** 2)
+    assert surface_distances(some, empty, (2.0, 1.0, 1.0)) == pytest.approx({"HD95": diagonal, "ASSD": diagonal})
+    assert surface_distances(empty, some, (2.0, 1.0, 1.0)) == pytest.approx({"HD95": diagonal, "ASSD": diagonal})
+    assert surface_distances(some, some, (2.0, 1.0, 1.0)) == {"HD95": 0.0, "ASSD": 0.0}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        surface_distances(some, some, (1.0, 1.0))
 
 
-def test_hd95_shifted_cube_is_the_shift_in_mm():
+def test_surface_distances_of_a_shifted_cube_are_the_shift_in_mm():
     a = np.zeros((6, 20, 20), bool)
     a[1:5, 5:12, 5:12] = True
     b = np.roll(a, 3, axis=2)
-    assert hd95(a, b, (5.0, 1.0, 2.0)) == pytest.approx(6.0)
+    scores = surface_distances(a, b, (5.0, 1.0, 2.0))
+    assert scores["HD95"] == pytest.approx(6.0)
+    assert 0 < scores["ASSD"] < 6.0
+
+
+def test_wsl4mis_convention_voxel_units_and_empty_prediction():
+    a = np.zeros((6, 20, 20), bool)
+    a[1:5, 5:12, 5:12] = True
+    b = np.roll(a, 3, axis=2)
+    scores = wsl4mis_scores(b, a)
+    assert scores["HD95"] == pytest.approx(3.0)  # voxels: the spacing is not used
+    assert scores["ASD"] == pytest.approx(reference_directed_distances(b, a, (1.0, 1.0, 1.0)).mean())
+    assert scores["Dice"] == pytest.approx(dice_score(a, b))
+    empty = np.zeros_like(a)
+    assert wsl4mis_scores(empty, a) == {"Dice": 0.0, "HD95": 0.0, "ASD": 0.0}
+    assert wsl4mis_scores(empty, empty) == {"Dice": 0.0, "HD95": 0.0, "ASD": 0.0}
+    absent = wsl4mis_scores(a, empty)
+    assert absent["Dice"] == 0.0 and math.isnan(absent["HD95"]) and math.isnan(absent["ASD"])
+
+
+def test_conventions_differ_only_where_they_say():
+    ref = np.zeros((3, 12, 12), np.int32)
+    ref[:, 2:6, 2:6] = 1
+    ref[:, 7:10, 7:10] = 2
+    pred = np.roll(ref, 1, axis=1)
+    pred[pred == 2] = 0
+    spacing = (10.0, 2.0, 2.0)
+    project = score_segmentation(pred, ref, spacing, {"a": 1, "b": 2})
+    published = score_segmentation(pred, ref, spacing, {"a": 1, "b": 2}, convention="wsl4mis")
+    assert project["a"]["Dice"] == published["a"]["Dice"]
+    assert project["a"]["HD95"] == pytest.approx(2.0) and published["a"]["HD95"] == pytest.approx(1.0)
+    assert project["b"]["Dice"] == 0.0 and project["b"]["HD95"] == pytest.approx(np.linalg.norm([30, 24, 24]))
+    assert published["b"] == {"Dice": 0.0, "HD95": 0.0, "ASD": 0.0, "BackgroundShare": 0.0}
+    with pytest.raises(UserInputError, match="Unknown metric convention"):
+        score_segmentation(pred, ref, spacing, {"a": 1}, convention="medpy")
+
+
+def test_summarise_means_the_metrics_the_cases_hold():
+    per_case = {"x": {"a": {"Dice": 0.5, "HD95": 2.0, "BackgroundShare": 0.1}},
+                "y": {"a": {"Dice": 1.0, "HD95": float("nan"), "ASSD": 4.0, "BackgroundShare": 0.3}}}
+    summary = summarise(per_case, {"a": 1})
+    assert summary["mean"]["a"] == pytest.approx({"Dice": 0.75, "HD95": 2.0, "BackgroundShare": 0.2, "ASSD": 4.0})
+    assert set(summary["foreground_mean"]) == {"Dice", "HD95", "ASSD"}
 
 
 def test_score_segmentation_per_class():
@@ -97,6 +149,13 @@ def test_score_cases_writes_json_and_refuses_sparse_reference(tmp_path):
     summary = score_cases({"c": (tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1}, out)
     assert json.loads(out.read_text(encoding="utf-8"))["mean"]["fg"]["Dice"] == pytest.approx(2 * 24 / (24 + 48))
     assert summary["foreground_mean"]["Dice"] == pytest.approx(2 / 3)
+    assert summary["convention"] == "nnunet-weak" and summary["foreground_mean"]["ASSD"] > 0
+    published = score_cases({"c": (tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1},
+                            tmp_path / "published.json", convention="wsl4mis")
+    assert published["convention"] == "wsl4mis" and "ASD" in published["foreground_mean"]
+    with pytest.raises(UserInputError, match="Unknown metric convention"):
+        score_cases({"c": (tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")}, {"fg": 1}, tmp_path / "z.json",
+                    convention="monai")
 
     sparse = ref.copy()
     sparse[0] = 2

@@ -1,0 +1,68 @@
+"""Which finished run compare and tune may reuse, where option sets go, and how a grid is read."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from nnunet_weak.compare import FoldTraining, Run, non_default_options, trainer_defaults
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.tune import parse_grid
+
+TRAINER = "ScribbleAttentionTrainer"
+
+
+def finished_run(training, run, run_seed, **record):
+    folder = training.fold_folder(run, "0", run_seed)
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_final.pth").write_bytes(b"")
+    (folder / "nnunet_weak_run.json").write_text(json.dumps(record), encoding="utf-8")
+    return folder
+
+
+def test_option_sets_get_their_own_results_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    training = FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=False, seeds=2)
+    dataset = SimpleNamespace(name="Dataset001_X")
+    defaults, tuned = Run("a", TRAINER, dataset), Run("b", TRAINER, dataset, "crf_rampup=0")
+    assert training.results_root(defaults, None) == tmp_path
+    assert training.results_root(defaults, 1) == tmp_path / "nnunet_weak_seeds" / "seed_1"
+    assert training.results_root(tuned, 1) == tmp_path / "nnunet_weak_options" / "crf_rampup=0" / "nnunet_weak_seeds" / "seed_1"
+    environment = training.environment(tuned, 1)
+    assert environment["NNUNET_WEAK_TRAINER_OPTIONS"] == "crf_rampup=0" and environment["NNUNET_WEAK_SEED"] == "1"
+    assert training.environment(defaults, 1)["NNUNET_WEAK_TRAINER_OPTIONS"] == ""
+
+
+def test_a_finished_run_is_reused_only_with_its_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    training = FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=False, seeds=1)
+    dataset = SimpleNamespace(name="Dataset001_X")
+    run = Run("b", TRAINER, dataset, "crf_rampup=0")
+    options = {**trainer_defaults(TRAINER), "crf_rampup": 0.0}
+    budget = {"name": "smoke"}
+    finished_run(training, run, 0, budget=budget, seed=0, options=options)
+    assert training.train(run, "0", 0) is False
+
+    other = Run("b", TRAINER, dataset, "crf_rampup=0.25")
+    finished_run(training, other, 0, budget=budget, seed=0, options=options)
+    with pytest.raises(UserInputError, match="options"):
+        training.train(other, "0", 0)
+
+
+def test_non_default_options_are_canonical():
+    defaults = {"a": 0.1, "b": 0.5}
+    assert non_default_options({"a": 0.1, "b": 0.5}, defaults) == ""
+    assert non_default_options({"b": 0.25, "a": 0.2}, defaults) == "a=0.2,b=0.25"
+    assert non_default_options({"a": 1 / 3, "b": 0.5}, defaults) == f"a={1 / 3!r}"
+
+
+def test_grid_always_holds_the_default_and_refuses_typos():
+    default = trainer_defaults(TRAINER)["crf_rampup"]
+    assert parse_grid(["crf_rampup=0,0.25"], TRAINER) == {"crf_rampup": sorted({0.0, 0.25, default})}
+    with pytest.raises(UserInputError, match="not an option of ScribbleAttentionTrainer"):
+        parse_grid(["crf_ramp=0"], TRAINER)
+    with pytest.raises(UserInputError, match="name=value"):
+        parse_grid(["crf_rampup"], TRAINER)
+    with pytest.raises(UserInputError, match="twice"):
+        parse_grid(["crf_rampup=0", "crf_rampup=0.25"], TRAINER)
+    with pytest.raises(UserInputError, match="must be a number"):
+        parse_grid(["crf_rampup=zero"], TRAINER)
