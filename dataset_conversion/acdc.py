@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import check_same_grid, read_volume
-from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, write_twins
+from nnunet_weak.raw_dataset import check_same_grid, integer_labels, read_volume
+from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, hold_out, write_twins
 from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
@@ -162,11 +161,16 @@ def load_frame(frame: AcdcFrame) -> LoadedCase:
                                  f"({e}).")
         spacing = frame.spacing
     if frame.scribble is not None:
-        scribble = read_volume(frame.scribble)[0]
+        scribble_volume = read_volume(frame.scribble)
+        if geometry is not None:
+            check_same_grid((image, spacing, geometry), scribble_volume, f"{frame.case} scribble")
+        scribble = scribble_volume[0]
     for name, array in (("label", label), ("scribble", scribble)):
         if array is not None and array.shape != image.shape:
             raise UserInputError(f"{frame.case}: {name} shape {array.shape} differs from image shape {image.shape}.")
-    label = label.astype(np.int64)
+    label = integer_labels(label, f"{frame.case}: the dense label")
+    if scribble is not None:
+        scribble = integer_labels(scribble, f"{frame.case}: the scribble")
     if label.min() < 0 or label.max() >= IGNORE_LABEL:
         raise UserInputError(f"{frame.case}: dense label values {sorted(np.unique(label).tolist())} are outside "
                              f"0..3 (background, RV, MYO, LV).")
@@ -225,8 +229,7 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
 
 
 def convert_from_args(args) -> tuple[Path, Path]:
-    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
-    preprocessed = required_folder("nnUNet_preprocessed")
+    raw, preprocessed = output_roots(args)
     scribbles = Path(args.scribbles) if args.scribbles else None
     if scribbles is not None and not scribbles.is_dir():
         raise UserInputError(f"Scribble folder {scribbles} does not exist.")

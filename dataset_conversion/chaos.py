@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, write_twins
-from nnunet_weak.environment import required_folder
+from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, hold_out, write_twins
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import Geometry, check_same_grid, read_volume
+from nnunet_weak.raw_dataset import Geometry, check_same_grid, integer_labels, read_volume
 from nnunet_weak.supervision_choice import choice_from_args
 
 CHAOS_LABELS = {"background": 0, "liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
@@ -87,10 +86,11 @@ def load_official_subject(folder: Path, modality: str) -> LoadedCase:
 def load_nifti_subject(image_file: Path, label_file: Path) -> LoadedCase:
     image, label = read_volume(image_file), read_volume(label_file)
     check_same_grid(image, label, image_file.name)
-    values = set(np.unique(label[0]).tolist())
+    label_map = integer_labels(label[0], str(label_file))
+    values = set(np.unique(label_map).tolist())
     if not values <= set(CHAOS_LABELS.values()):
         raise UserInputError(f"{label_file} has values {sorted(values)} outside 0..4.")
-    return LoadedCase([image[0].astype(np.float32)], image[1], label[0].astype(np.uint8), geometry=image[2])
+    return LoadedCase([image[0].astype(np.float32)], image[1], label_map.astype(np.uint8), geometry=image[2])
 
 
 def find_subjects(args) -> tuple[dict, dict[str, str]]:
@@ -124,8 +124,7 @@ def find_subjects(args) -> tuple[dict, dict[str, str]]:
 
 def convert_from_args(args) -> tuple[Path, Path]:
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
-    preprocessed = required_folder("nnUNet_preprocessed")
+    raw, preprocessed = output_roots(args)
     loaders, channels = find_subjects(args)
     choice = choice_from_args(args)
     train, test = hold_out(loaders, args.test_subjects, choice.seed, "--test_subjects")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, write_twins
-from nnunet_weak.environment import required_folder
+from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, hold_out, write_twins
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, read_volume, write_raw_dataset
+from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, integer_labels, read_volume, write_raw_dataset
 from nnunet_weak.supervision_choice import choice_from_args
 
 
@@ -59,21 +58,23 @@ def load_own_case(images: list[Path], label: Path | None, scribble: Path | None,
     if label is not None:
         label_volume = read_volume(label)
         check_same_grid(volumes[0], label_volume, label.name)
-        values = sorted(set(np.unique(label_volume[0]).tolist()))
+        label_map = integer_labels(label_volume[0], str(label))
+        values = sorted(set(np.unique(label_map).tolist()))
         if values[0] < 0 or values[-1] > num_classes:
             raise UserInputError(f"{label} has values {values}; with {num_classes} classes they must lie in "
                                  f"0..{num_classes}.")
-        dense = label_volume[0].astype(np.uint8)
+        dense = label_map.astype(np.uint8)
     real_weak = None
     if scribble is not None:
         scribble_volume = read_volume(scribble)
         check_same_grid(volumes[0], scribble_volume, scribble.name)
-        values = set(np.unique(scribble_volume[0]).tolist())
+        scribble_map = integer_labels(scribble_volume[0], str(scribble))
+        values = set(np.unique(scribble_map).tolist())
         unexpected = sorted(values - set(range(num_classes + 1)) - {scribble_ignore})
         if unexpected:
             raise UserInputError(f"{scribble} has values {unexpected}; scribbles use 0..{num_classes} and "
                                  f"{scribble_ignore} for un-annotated voxels.")
-        real_weak = np.where(scribble_volume[0] == scribble_ignore, num_classes + 1, scribble_volume[0]).astype(np.uint8)
+        real_weak = np.where(scribble_map == scribble_ignore, num_classes + 1, scribble_map).astype(np.uint8)
     return LoadedCase([v[0].astype(np.float32) for v in volumes], volumes[0][1], dense, real_weak, volumes[0][2])
 
 
@@ -89,8 +90,7 @@ def sparse_or_unlabelled_case(load, case: str, ignore_label: int) -> CaseRecord:
 
 def convert_from_args(args) -> list[Path]:
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
-    preprocessed = required_folder("nnUNet_preprocessed")
+    raw, preprocessed = output_roots(args)
     ending = args.file_ending
     folders = {}
     for name in ("images", "labels", "scribbles"):

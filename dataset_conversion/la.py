@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import check_same_grid, read_volume
-from nnunet_weak.dataset_conversion.twins import LoadedCase, write_twins
+from nnunet_weak.raw_dataset import check_same_grid, integer_labels, read_volume
+from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, write_twins
 from nnunet_weak.supervision_choice import choice_from_args
 
 LA_LABELS = {"background": 0, "left_atrium": 1}
@@ -45,10 +44,11 @@ def load_official(folder: Path) -> LoadedCase:
             raise UserInputError(f"{path} is missing (official LA layout: <ID>/lgemri.nrrd and <ID>/laendo.nrrd).")
     image, label = read_volume(image_file), read_volume(label_file)
     check_same_grid(image, label, folder.name)
-    values = set(np.unique(label[0]).tolist())
+    label_map = integer_labels(label[0], str(label_file))
+    values = set(np.unique(label_map).tolist())
     if not values <= {0, 255}:
         raise UserInputError(f"{label_file} has values {sorted(values)}; the LA label uses 0 and 255.")
-    return LoadedCase([image[0].astype(np.float32)], image[1], (label[0] == 255).astype(np.uint8),
+    return LoadedCase([image[0].astype(np.float32)], image[1], (label_map == 255).astype(np.uint8),
                       geometry=image[2])
 
 
@@ -70,8 +70,7 @@ def load_h5(path: Path, spacing_xyz: tuple[float, float, float]) -> LoadedCase:
 
 
 def convert_from_args(args) -> tuple[Path, Path]:
-    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
-    preprocessed = required_folder("nnUNet_preprocessed")
+    raw, preprocessed = output_roots(args)
     if (args.official is None) == (args.h5 is None):
         raise UserInputError("Give exactly one source: --official DIR (<ID>/lgemri.nrrd) or --h5 DIR (<ID>/mri_norm2.h5).")
     source = Path(args.official or args.h5)

@@ -11,7 +11,7 @@ import os
 from functools import partial
 from pathlib import Path
 
-from nnunet_weak.environment import required_folder
+from nnunet_weak.dataset_conversion.twins import output_roots, write_dataset_pair
 from nnunet_weak.phantom import PHANTOM_LABELS, generate_case
 from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
 from nnunet_weak.scribbles import simulate_scribbles
@@ -39,13 +39,13 @@ def phantom_case(seed: int, scribbles: bool, training: bool, shape_yx: tuple[int
                     "image_seed": seed})
 
 
-def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, num_train: int = 20,
-                    num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (48, 48),
+def convert_phantom(raw_root: str | os.PathLike, preprocessed_root: str | os.PathLike, dense_id: int, sparse_id: int,
+                    num_train: int = 20, num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (48, 48),
                     overwrite: bool = False, num_processes: int = 1) -> tuple[Path, Path]:
-    """Write the dense phantom dataset and its scribble twin under ``raw_root``.
+    """Write the dense phantom dataset and its scribble twin under ``raw_root`` (``write_dataset_pair``).
 
     Args:
-        raw_root: the ``nnUNet_raw`` folder.
+        raw_root, preprocessed_root: nnU-Net's folders (a replaced dataset's preprocessed data is removed).
         dense_id, sparse_id: dataset ids of the dense and the scribble dataset.
         num_train, num_test: number of training and held-out test cases.
         seed: base seed; case ``i`` uses image seed ``seed * 1000 + i``.
@@ -59,21 +59,22 @@ def convert_phantom(raw_root: str | os.PathLike, dense_id: int, sparse_id: int, 
     dense_name, sparse_name = phantom_dataset_names(dense_id, sparse_id)
     train_seeds = [seed * 1000 + i for i in range(num_train)]
     test_seeds = [seed * 1000 + num_train + i for i in range(num_test)]
-    channels = {"0": "MRI"}
-    folders = []
-    for name, scribbles in ((dense_name, False), (sparse_name, True)):
-        labels = dict(PHANTOM_LABELS, **({"ignore": IGNORE_LABEL} if scribbles else {}))
-        folders.append(write_raw_dataset(
-            raw_root, name, channels, labels,
-            training=[partial(phantom_case, s, scribbles, True, shape_yx) for s in train_seeds],
-            test=[partial(phantom_case, s, scribbles, False, shape_yx) for s in test_seeds],
-            overwrite=overwrite, num_processes=num_processes,
-            extra_json={"description": "nnunet-weak synthetic short-axis cardiac phantom",
-                        "phantom_seed": seed}))
-    return folders[0], folders[1]
+    scribbled = {dense_name: False, sparse_name: True}
+
+    def write(root: Path, name: str) -> Path:
+        labels = dict(PHANTOM_LABELS, **({"ignore": IGNORE_LABEL} if scribbled[name] else {}))
+        return write_raw_dataset(
+            root, name, {"0": "MRI"}, labels,
+            training=[partial(phantom_case, s, scribbled[name], True, shape_yx) for s in train_seeds],
+            test=[partial(phantom_case, s, scribbled[name], False, shape_yx) for s in test_seeds],
+            num_processes=num_processes,
+            extra_json={"description": "nnunet-weak synthetic short-axis cardiac phantom", "phantom_seed": seed})
+
+    return write_dataset_pair(Path(raw_root), Path(preprocessed_root), (dense_name, sparse_name), write,
+                              overwrite=overwrite)
 
 
 def convert_from_args(args) -> tuple[Path, Path]:
-    raw = Path(args.output) if args.output else required_folder("nnUNet_raw")
-    return convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
+    raw, preprocessed = output_roots(args)
+    return convert_phantom(raw, preprocessed, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
                            (args.size, args.size), overwrite=args.overwrite, num_processes=args.np)

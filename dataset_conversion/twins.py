@@ -7,6 +7,9 @@ upper bound are trained and scored like for like. A converter only has to say ho
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,8 +18,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from nnunet_weak.atomic import write_json_atomic
+from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import CaseRecord, Geometry, write_raw_dataset
+from nnunet_weak.raw_dataset import DATASET_NAME_PATTERN, CaseRecord, Geometry, write_raw_dataset
 from nnunet_weak.supervision_choice import SupervisionChoice
 
 
@@ -58,6 +62,82 @@ def case_record(load: Callable[[], LoadedCase], case: str, choice: SupervisionCh
                       geometry=loaded.geometry)
 
 
+def output_roots(args) -> tuple[Path, Path]:
+    """Where a converter writes: ``--output`` and ``--preprocessed_output`` together, else nnU-Net's folders.
+
+    Never a mix: a converter writing raw data to a scratch folder must not touch the real
+    ``nnUNet_preprocessed`` (it writes ``splits_final.json`` there).
+    """
+    if args.output is None and args.preprocessed_output is None:
+        return required_folder("nnUNet_raw"), required_folder("nnUNet_preprocessed")
+    if args.output is None or args.preprocessed_output is None:
+        raise UserInputError("--output (raw data) and --preprocessed_output (where splits_final.json goes) go "
+                             "together; give both, or neither to write into $nnUNet_raw and $nnUNet_preprocessed.")
+    return Path(args.output), Path(args.preprocessed_output)
+
+
+def check_new_datasets(raw_root: Path, preprocessed_root: Path, names: Sequence[str], overwrite: bool) -> None:
+    """Refuse, before anything is written, datasets whose ids collide with each other or with another dataset
+    in the given roots, or that exist already without ``overwrite``."""
+    ids = [int(DATASET_NAME_PATTERN.match(name).group(1)) for name in names]
+    if len(set(ids)) < len(ids):
+        raise UserInputError(f"{' and '.join(names)} would share the id {ids[0]:03d}: give the two datasets "
+                             f"different ids.")
+    for name, dataset_id in zip(names, ids):
+        for root in (raw_root, preprocessed_root):
+            others = sorted(p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.name != name) if root.is_dir() else []
+            if others:
+                raise UserInputError(f"Id {dataset_id:03d} is taken by {others[0]} in {root}: nnU-Net finds datasets by id, "
+                                     f"so {name} would be ambiguous. Choose another id.")
+        if (raw_root / name).exists() and not overwrite:
+            raise UserInputError(f"{raw_root / name} already exists. Pass --overwrite to replace it (its preprocessed "
+                                 f"data and plans are removed with it), or choose another id.")
+
+
+def remove_stale_preprocessed(preprocessed_root: Path, name: str) -> list[str]:
+    """Delete what nnU-Net derived from a dataset that is being replaced (fingerprint, plans, arrays, splits),
+    which would no longer match it; return what was removed."""
+    folder = preprocessed_root / name
+    if not folder.is_dir():
+        return []
+    removed = sorted(p.name for p in folder.iterdir())
+    shutil.rmtree(folder)
+    return removed
+
+
+def write_dataset_pair(raw_root: Path, preprocessed_root: Path, names: tuple[str, str],
+                       write: Callable[[Path, str], Path], splits: list[dict] | None = None,
+                       overwrite: bool = False) -> tuple[Path, Path]:
+    """Write two datasets (a dataset and its twin) with ``write(raw_root, name)`` into a staging folder, then
+    move both into place and write their ``splits_final.json``: never one of the pair without the other.
+
+    Every target is checked first (``check_new_datasets``); replacing a dataset also removes its stale
+    preprocessed data (``remove_stale_preprocessed``), and says so.
+    """
+    raw_root, preprocessed_root = Path(raw_root), Path(preprocessed_root)
+    check_new_datasets(raw_root, preprocessed_root, names, overwrite)
+    raw_root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".nnunet_weak_conversion.", suffix=".partial", dir=raw_root))
+    try:
+        for name in names:
+            write(stage, name)
+        for name in names:
+            final = raw_root / name
+            if final.exists():
+                os.replace(final, stage / f"{name}.old")
+            os.replace(stage / name, final)
+            removed = remove_stale_preprocessed(preprocessed_root, name)
+            if removed:
+                print(f"Removed the preprocessed data of the replaced {name} ({', '.join(removed)}) from "
+                      f"{preprocessed_root}: plan and preprocess it again.")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if splits is not None:
+        for name in names:
+            write_json_atomic(splits, preprocessed_root / name / "splits_final.json")
+    return raw_root / names[0], raw_root / names[1]
+
+
 def write_twins(raw_root: Path, preprocessed_root: Path, names: tuple[str, str], channel_names: Mapping[str, str],
                 classes: Mapping[str, int], choice: SupervisionChoice,
                 training: Mapping[str, Callable[[], LoadedCase]], test: Mapping[str, Callable[[], LoadedCase]],
@@ -72,17 +152,18 @@ def write_twins(raw_root: Path, preprocessed_root: Path, names: tuple[str, str],
     """
     ignore_label = max(classes.values()) + 1
     keep_dense = set(choice.cases_keeping_dense_labels(sorted(training)))
-    folders = []
-    for name, twin_choice in ((names[0], choice), (names[1], None)):
+
+    def write(root: Path, name: str) -> Path:
+        twin_choice = choice if name == names[0] else None
         weak = twin_choice is not None and twin_choice.needs_ignore_label
         labels = dict(classes, **({"ignore": ignore_label} if weak else {}))
-        folders.append(write_raw_dataset(
-            raw_root, name, channel_names, labels,
+        return write_raw_dataset(
+            root, name, channel_names, labels,
             training=[partial(case_record, load, case, twin_choice, case in keep_dense, ignore_label)
                       for case, load in sorted(training.items())],
             test=[partial(case_record, load, case, None, False, ignore_label) for case, load in sorted(test.items())],
-            overwrite=overwrite, num_processes=num_processes,
+            num_processes=num_processes,
             extra_json={**(extra_json or {}),
-                        "supervision": (twin_choice or SupervisionChoice("dense")).describe()}))
-        write_json_atomic(splits, preprocessed_root / name / "splits_final.json")
-    return folders[0], folders[1]
+                        "supervision": (twin_choice or SupervisionChoice("dense")).describe()})
+
+    return write_dataset_pair(raw_root, preprocessed_root, names, write, splits, overwrite)

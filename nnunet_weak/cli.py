@@ -37,7 +37,11 @@ def _cmd_convert(module: str, args) -> None:
 
 
 def _add_output_arguments(parser) -> None:
-    parser.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw)")
+    parser.add_argument("--output", default=None, help="raw data folder (default: $nnUNet_raw; give "
+                                                       "--preprocessed_output with it)")
+    parser.add_argument("--preprocessed_output", default=None,
+                        help="where the datasets' splits_final.json go (default: $nnUNet_preprocessed; required "
+                             "with --output)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing datasets of the same name")
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
 

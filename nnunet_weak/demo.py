@@ -56,7 +56,7 @@ def run_demo(args) -> list[dict]:
                                      f"delete it or use other ids (--dense_id / --sparse_id).")
         print(f"  reusing {dense_name} and {sparse_name}")
     else:
-        convert_phantom(raw, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
+        convert_phantom(raw, preprocessed, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
                         overwrite=any(existing), num_processes=n)
 
     print("[2/3] Planning and preprocessing (2d)")

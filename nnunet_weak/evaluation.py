@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from nnunet_weak.atomic import write_json_atomic
 from nnunet_weak.errors import UserInputError
+from nnunet_weak.raw_dataset import check_file_complete
 
 METRIC_CONVENTIONS = ("nnunet-weak", "wsl4mis")
 DEFAULT_CONVENTION = "nnunet-weak"
@@ -159,6 +160,7 @@ def _read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
     if not path.is_file():
         raise UserInputError(f"Label file {path} does not exist.")
+    check_file_complete(path)
     ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     reader = determine_reader_writer_from_file_ending(ending, str(path), verbose=False)()
     seg, properties = reader.read_seg(str(path))

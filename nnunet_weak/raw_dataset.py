@@ -7,10 +7,13 @@ place only when complete.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import multiprocessing
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, Union
@@ -194,10 +197,63 @@ class Geometry:
         return cls(tuple(image.GetOrigin()), tuple(image.GetDirection()))
 
 
+def _nifti_size_promised(header: bytes) -> int | None:
+    """Header plus voxel bytes a NIfTI-1/-2 header promises (``vox_offset + voxels × bitpix / 8``); ``None``
+    if ``header`` is not a NIfTI header."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    voxels = int(np.prod([max(1, d) for d in dims[1:1 + max(0, min(dims[0], 7))]]))
+    return max(offset, 348) + voxels * bitpix // 8
+
+
+def check_file_complete(path: Path) -> None:
+    """Refuse a NIfTI file cut short, compressed or not, and a gzip stream that does not end with its checksum.
+
+    SimpleITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills what is missing with
+    zeros; a label read that way loses classes silently. NRRD, DICOM, PNG and HDF5 readers fail on
+    their own.
+    """
+    name = path.name.lower()
+    if not name.endswith((".gz", ".nii")):
+        return
+    fix = "Replace it with an intact copy (download or copy it again)."
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                header = stream.read(540)
+                size = len(header)
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as e:
+            raise UserInputError(f"{path} is incomplete or corrupt: its gzip stream does not end properly ({e}). "
+                                 f"{fix}") from None
+    else:
+        with open(path, "rb") as stream:
+            header = stream.read(540)
+        size = path.stat().st_size
+    promised = _nifti_size_promised(header) if name.endswith((".nii", ".nii.gz")) else None
+    if promised is not None and size < promised:
+        raise UserInputError(f"{path} is cut short: its header promises {promised} bytes, the file holds {size}"
+                             f"{' after decompression' if name.endswith('.gz') else ''}. {fix}")
+
+
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], Geometry]:
-    """A (z, y, x) array, its (z, y, x) spacing in mm and its geometry, from any file SimpleITK reads."""
+    """A (z, y, x) array, its (z, y, x) spacing in mm and its geometry, from any file SimpleITK reads
+    (checked complete first: ``check_file_complete``)."""
     if not Path(path).is_file():
         raise UserInputError(f"{path} does not exist.")
+    check_file_complete(Path(path))
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -208,10 +264,36 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...],
 
 
 def check_same_grid(image: tuple, label: tuple, what: str) -> None:
-    """Refuse an image and a label (as returned by ``read_volume``) that differ in shape or spacing."""
-    if image[0].shape != label[0].shape or not np.allclose(image[1], label[1], rtol=1e-3):
-        raise UserInputError(f"{what}: image {image[0].shape} / {image[1]} mm and label {label[0].shape} / "
-                             f"{label[1]} mm differ in shape or spacing.")
+    """Refuse an image and a label (as returned by ``read_volume``) that differ in shape, spacing, origin or
+    direction: a label written with its image's geometry would otherwise be shifted or mirrored silently.
+
+    Tolerances: spacing 0.1 %, origin 1 % of the smallest voxel side, direction cosines 1e-3.
+    """
+    (image_array, image_spacing, image_geometry), (label_array, label_spacing, label_geometry) = image, label
+    if image_array.shape != label_array.shape or not np.allclose(image_spacing, label_spacing, rtol=1e-3):
+        raise UserInputError(f"{what}: image {image_array.shape} / {image_spacing} mm and label {label_array.shape} / "
+                             f"{label_spacing} mm differ in shape or spacing.")
+    origin_tolerance = 0.01 * min(image_spacing)
+    if not np.allclose(image_geometry.origin, label_geometry.origin, rtol=0, atol=origin_tolerance):
+        raise UserInputError(f"{what}: the label's origin {label_geometry.origin} differs from the image's "
+                             f"{image_geometry.origin} by more than {origin_tolerance:.3g} mm: it lies elsewhere in "
+                             f"the scanner. Resample it onto the image grid or fix its header.")
+    if not np.allclose(image_geometry.direction, label_geometry.direction, rtol=0, atol=1e-3):
+        raise UserInputError(f"{what}: the label's direction {label_geometry.direction} differs from the image's "
+                             f"{image_geometry.direction}: written with the image's geometry it would be mirrored "
+                             f"or rotated. Resample it onto the image grid or fix its header.")
+
+
+def integer_labels(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` as ``int64``, refusing values that are not whole numbers (a cast would merge or drop classes)."""
+    if not np.issubdtype(array.dtype, np.integer):
+        fractional = np.unique(array[~np.isclose(array, np.round(array), rtol=0, atol=1e-6)])
+        if fractional.size:
+            raise UserInputError(f"{what} holds non-integer values, e.g. {fractional[:5].tolist()}: a label map holds "
+                                 f"whole class numbers. Was it resampled with linear interpolation or saved from an "
+                                 f"image? Use nearest-neighbour resampling.")
+        array = np.round(array)
+    return array.astype(np.int64)
 
 
 def write_volume(array: np.ndarray, spacing: Sequence[float], path: str | os.PathLike,
