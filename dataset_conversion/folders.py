@@ -45,6 +45,12 @@ def find_images(folder: Path, ending: str) -> dict[str, list[Path]]:
                 raise UserInputError(f"Case '{case}' in {folder}: channels must be numbered _0000, _0001, ... "
                                      f"without gaps.")
         return cases
+    with_channel = [f.name for f, s in zip(files, stems) if channel.match(s)]
+    if with_channel:
+        plain = next(f.name for f, s in zip(files, stems) if not channel.match(s))
+        raise UserInputError(f"{folder} mixes nnU-Net channel names (<case>_0000{ending}, e.g. {with_channel[0]}) with "
+                             f"plain case names (<case>{ending}, e.g. {plain}): {len(with_channel)} of {len(files)} "
+                             f"files have a channel suffix. Name every image one way.")
     return {s: [f] for f, s in zip(files, stems)}
 
 

@@ -48,36 +48,59 @@ def _add_output_arguments(parser) -> None:
 
 def _cmd_evaluate(args) -> None:
     from pathlib import Path
-    from nnunet_weak.evaluation import score_cases
+    from nnunet_weak.evaluation import reference_labels, score_cases
     from nnunet_weak.raw_dataset import load_raw_dataset
-    dataset = load_raw_dataset(args.d)
     predictions = Path(args.predictions)
     if not predictions.is_dir():
         raise UserInputError(f"Prediction folder {predictions} does not exist.")
-    ending = dataset.file_ending
-    if args.reference == "test":
-        references = {case: label for case, (_, label) in dataset.test_cases().items() if label is not None}
-    else:
-        references = {case: dataset.dense_label_path(case) for case in dataset.training_cases}
-        references = {case: path for case, path in references.items() if path is not None}
+    if (args.d is None) == (args.labels is None):
+        raise UserInputError("Give the references either as a dataset (-d, with --reference test or train) or as a "
+                             "folder (--labels DIR), not both.")
+    dataset = load_raw_dataset(args.d) if args.d is not None else None
+    if dataset is not None and args.classes:
+        raise UserInputError("--classes is for --labels; a dataset's classes come from its dataset.json.")
+    ending = dataset.file_ending if dataset else args.file_ending
     predicted = {f.name[: -len(ending)] for f in predictions.iterdir() if f.name.endswith(ending)}
     if not predicted:
         raise UserInputError(f"{predictions} holds no '*{ending}' predictions.")
+    if dataset is None:
+        references = reference_labels(Path(args.labels), ending)
+        source = f"{args.labels}"
+    elif args.reference == "test":
+        references = {case: label for case, (_, label) in dataset.test_cases().items() if label is not None}
+        source = f"labelsTs of {dataset.name}"
+    else:
+        references = {case: dataset.dense_label_path(case) for case in dataset.training_cases}
+        references = {case: path for case, path in references.items() if path is not None}
+        source = f"the dense training labels of {dataset.name}"
     unmatched = sorted(predicted - set(references))
     if unmatched:
-        raise UserInputError(
-            f"{len(unmatched)} prediction(s) have no dense {args.reference} label in {dataset.name}, "
-            f"e.g. {unmatched[:3]}. Use --reference test for imagesTs predictions."
-        )
+        raise UserInputError(f"{len(unmatched)} prediction(s) have no reference in {source}, e.g. {unmatched[:3]}."
+                             + (" Use --reference test for imagesTs predictions." if dataset else ""))
+    # a fold's validation predictions cover some training cases by design; a test set is scored whole
+    complete = dataset is None or args.reference == "test"
+    missing = sorted(set(references) - predicted) if complete else []
+    if missing and not args.allow_missing:
+        raise UserInputError(f"{len(missing)} of the {len(references)} cases in {source} have no prediction in "
+                             f"{predictions}, e.g. {missing[:3]}: a mean over a subset is not the set's score. Predict "
+                             f"them, or pass --allow_missing to score the {len(predicted)} predicted cases only.")
+    if dataset is not None:
+        class_labels, ignore_label = dataset.class_labels, dataset.ignore_label
+    elif args.classes:
+        class_labels, ignore_label = {name: value for value, name in enumerate(args.classes, start=1)}, None
+    else:
+        class_labels, ignore_label = None, None
     pairs = {case: (predictions / f"{case}{ending}", references[case]) for case in sorted(predicted)}
     output = Path(args.o) if args.o else predictions / "summary_dense.json"
-    summary = score_cases(pairs, dataset.class_labels, output, dataset.ignore_label, args.np,
-                          convention=args.convention)
+    summary = score_cases(pairs, class_labels, output, ignore_label, args.np, convention=args.convention,
+                          extra={"references": source, "cases_scored": len(pairs),
+                                 "cases_with_reference": len(pairs) + len(missing), "cases_missing": missing})
     unit, surface = ("voxels", "ASD") if args.convention == "wsl4mis" else ("mm", "ASSD")
     for name, values in [*summary["mean"].items(), ("mean", summary["foreground_mean"])]:
         print(f"{name:>12s}  Dice {values['Dice']:.4f}  HD95 {values['HD95']:.2f} {unit}  "
               f"{surface} {values[surface]:.2f} {unit}")
-    print(f"Wrote {output} (convention {args.convention})")
+    scored = f"{len(pairs)} of {len(pairs) + len(missing)} cases" if missing else f"{len(pairs)} cases"
+    print(f"Wrote {output} ({scored}, convention {args.convention})")
 
 
 def _cmd_compare(args) -> None:
@@ -224,13 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nnunet_weak.evaluation import DEFAULT_CONVENTION, METRIC_CONVENTIONS
     p = sub.add_parser("evaluate", help="score predictions against dense labels (Dice, HD95, ASSD; MedPy)",
-                       description="Score a folder of predictions against the dense labels of a dataset: "
-                                   "labelsTs (--reference test) or the dense training labels named by the "
-                                   "supervision manifest (--reference train).")
-    p.add_argument("-d", required=True, help="dataset id or name")
+                       description="Score a folder of predictions against dense labels: those of a dataset "
+                                   "(-d: labelsTs with --reference test, or the dense training labels named by the "
+                                   "supervision manifest with --reference train) or a folder of label maps named "
+                                   "like the predictions (--labels). Every prediction needs a reference with the "
+                                   "same grid; with -d --reference test or --labels every reference needs a "
+                                   "prediction (unless --allow_missing).")
+    p.add_argument("-d", default=None, help="dataset id or name whose dense labels are the references")
     p.add_argument("-i", dest="predictions", required=True, help="folder of predicted label maps")
     p.add_argument("--reference", choices=["test", "train"], default="test",
-                   help="which dense labels to score against (default: test)")
+                   help="with -d: which dense labels to score against (default: test)")
+    p.add_argument("--labels", default=None, help="folder of reference label maps, instead of -d")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                   help="with --labels: class names of the values 1, 2, ... (default: every value found in the "
+                        "references, named by its value)")
+    p.add_argument("--file_ending", default=".nii.gz", help="with --labels: file ending (default: .nii.gz)")
+    p.add_argument("--allow_missing", action="store_true",
+                   help="score the predicted cases only when some references have no prediction (the JSON records "
+                        "how many were scored of how many)")
     p.add_argument("-o", default=None, help="output JSON (default: <predictions>/summary_dense.json)")
     p.add_argument("-np", type=int, default=1, help="processes (default 1)")
     p.add_argument("--convention", choices=METRIC_CONVENTIONS, default=DEFAULT_CONVENTION,

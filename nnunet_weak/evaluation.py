@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from nnunet_weak.atomic import write_json_atomic
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.raw_dataset import check_file_complete
+from nnunet_weak.raw_dataset import check_same_grid, integer_labels, read_volume
 
 METRIC_CONVENTIONS = ("nnunet-weak", "wsl4mis")
 DEFAULT_CONVENTION = "nnunet-weak"
@@ -156,31 +156,19 @@ def score_segmentation(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
     return scores
 
 
-def _read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
-    if not path.is_file():
-        raise UserInputError(f"Label file {path} does not exist.")
-    check_file_complete(path)
-    ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    reader = determine_reader_writer_from_file_ending(ending, str(path), verbose=False)()
-    seg, properties = reader.read_seg(str(path))
-    return seg[0].astype(np.int32), tuple(float(s) for s in properties["spacing"])
-
-
 def _score_case(pred_file: Path, ref_file: Path, class_labels: Mapping[str, int],
                 ignore_label: int | None, convention: str) -> dict:
-    pred, _ = _read_label_map(pred_file)
-    ref, spacing = _read_label_map(ref_file)
+    prediction, reference = read_volume(pred_file), read_volume(ref_file)
+    check_same_grid(reference, prediction, f"Prediction {pred_file} against {ref_file}",
+                    names=("reference", "prediction"))
+    pred = integer_labels(prediction[0], f"Prediction {pred_file}")
+    ref = integer_labels(reference[0], f"Reference {ref_file}")
     if ignore_label is not None and np.any(ref == ignore_label):
         raise UserInputError(
             f"Reference {ref_file} contains the ignore label {ignore_label}: it is a sparse label, "
             f"not a dense one. Score against dense labels only."
         )
-    if pred.shape != ref.shape:
-        raise UserInputError(
-            f"Prediction {pred_file} has shape {pred.shape}, reference {ref_file} has {ref.shape}."
-        )
-    return score_segmentation(pred, ref, spacing, class_labels, convention)
+    return score_segmentation(pred, ref, reference[1], class_labels, convention)
 
 
 def _score_case_star(arguments):
@@ -208,7 +196,27 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
 
 
-def score_cases(pairs: Mapping[str, tuple[Path, Path]], class_labels: Mapping[str, int],
+def reference_labels(folder: Path, ending: str) -> dict[str, Path]:
+    """Case id to reference label map, for a folder of ``<case><ending>`` files."""
+    if not folder.is_dir():
+        raise UserInputError(f"Reference folder {folder} does not exist.")
+    references = {f.name[: -len(ending)]: f for f in sorted(folder.iterdir()) if f.name.endswith(ending)}
+    if not references:
+        raise UserInputError(f"{folder} holds no '*{ending}' label maps (set --file_ending for other formats).")
+    return references
+
+
+def classes_found(references: Sequence[Path]) -> dict[str, int]:
+    """Every foreground value the reference label maps hold, each named by its value."""
+    values = set()
+    for path in references:
+        values |= set(np.unique(integer_labels(read_volume(path)[0], f"Reference {path}")).tolist())
+    if not values - {0}:
+        raise UserInputError("The references hold no foreground value: nothing to score.")
+    return {str(v): int(v) for v in sorted(values - {0})}
+
+
+def score_cases(pairs: Mapping[str, tuple[Path, Path]], class_labels: Mapping[str, int] | None,
                 output_file: str | os.PathLike, ignore_label: int | None = None,
                 num_processes: int = 1, description: str = "Scoring on dense labels",
                 extra: Mapping | None = None, convention: str = DEFAULT_CONVENTION) -> dict:
@@ -216,7 +224,8 @@ def score_cases(pairs: Mapping[str, tuple[Path, Path]], class_labels: Mapping[st
 
     Args:
         pairs: case id to (prediction file, dense reference file).
-        class_labels: foreground class name to label value.
+        class_labels: foreground class name to label value (``None``: every value the references hold,
+            ``classes_found``).
         output_file: where the JSON goes (written atomically).
         ignore_label: the dataset's ignore label; a reference containing it is refused.
         num_processes: worker processes.
@@ -234,6 +243,8 @@ def score_cases(pairs: Mapping[str, tuple[Path, Path]], class_labels: Mapping[st
             if not Path(f).is_file():
                 raise UserInputError(f"Case '{case}': {f} does not exist.")
     cases = sorted(pairs)
+    if class_labels is None:
+        class_labels = classes_found([Path(pairs[c][1]) for c in cases])
     args = [(Path(pairs[c][0]), Path(pairs[c][1]), dict(class_labels), ignore_label, convention)
             for c in cases]
     if num_processes > 1:

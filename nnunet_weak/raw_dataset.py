@@ -263,25 +263,27 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...],
             Geometry.of(image))
 
 
-def check_same_grid(image: tuple, label: tuple, what: str) -> None:
+def check_same_grid(image: tuple, label: tuple, what: str, names: tuple[str, str] = ("image", "label")) -> None:
     """Refuse an image and a label (as returned by ``read_volume``) that differ in shape, spacing, origin or
     direction: a label written with its image's geometry would otherwise be shifted or mirrored silently.
+    ``names`` says what the two are in the message.
 
     Tolerances: spacing 0.1 %, origin 1 % of the smallest voxel side, direction cosines 1e-3.
     """
     (image_array, image_spacing, image_geometry), (label_array, label_spacing, label_geometry) = image, label
+    first, second = names
     if image_array.shape != label_array.shape or not np.allclose(image_spacing, label_spacing, rtol=1e-3):
-        raise UserInputError(f"{what}: image {image_array.shape} / {image_spacing} mm and label {label_array.shape} / "
-                             f"{label_spacing} mm differ in shape or spacing.")
+        raise UserInputError(f"{what}: {first} {image_array.shape} / {image_spacing} mm and {second} "
+                             f"{label_array.shape} / {label_spacing} mm differ in shape or spacing.")
     origin_tolerance = 0.01 * min(image_spacing)
     if not np.allclose(image_geometry.origin, label_geometry.origin, rtol=0, atol=origin_tolerance):
-        raise UserInputError(f"{what}: the label's origin {label_geometry.origin} differs from the image's "
+        raise UserInputError(f"{what}: the {second}'s origin {label_geometry.origin} differs from the {first}'s "
                              f"{image_geometry.origin} by more than {origin_tolerance:.3g} mm: it lies elsewhere in "
-                             f"the scanner. Resample it onto the image grid or fix its header.")
+                             f"the scanner. Resample it onto the {first}'s grid or fix its header.")
     if not np.allclose(image_geometry.direction, label_geometry.direction, rtol=0, atol=1e-3):
-        raise UserInputError(f"{what}: the label's direction {label_geometry.direction} differs from the image's "
-                             f"{image_geometry.direction}: written with the image's geometry it would be mirrored "
-                             f"or rotated. Resample it onto the image grid or fix its header.")
+        raise UserInputError(f"{what}: the {second}'s direction {label_geometry.direction} differs from the "
+                             f"{first}'s {image_geometry.direction}: on the {first}'s grid it would be mirrored or "
+                             f"rotated. Resample it onto the {first}'s grid or fix its header.")
 
 
 def integer_labels(array: np.ndarray, what: str) -> np.ndarray:

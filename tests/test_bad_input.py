@@ -1,5 +1,6 @@
 """Inputs that used to pass silently and corrupt a label or a score: each is now a clear error."""
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -150,3 +151,58 @@ def test_overwrite_removes_the_stale_preprocessed_data_and_says_so(tmp_path, nnu
     assert "Removed the preprocessed data of the replaced Dataset501_Mine (nnUNetPlans.json, nnUNetPlans_2d, " \
            "splits_final.json)" in out
     assert sorted(p.name for p in pre.iterdir()) == ["splits_final.json"]
+
+
+def test_mixed_image_names_are_refused(tmp_path, nnunet_folders, capsys):
+    args = _own_folders(tmp_path, _plain)
+    stray = tmp_path / "images" / "s0.nii.gz"
+    stray.write_bytes((tmp_path / "images" / "s0_0000.nii.gz").read_bytes())
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "mixes nnU-Net channel names" in err and "s0.nii.gz" in err and "6 of 7 files" in err
+    assert not any(nnunet_folders["nnUNet_raw"].iterdir())
+
+
+def _prediction_folders(root, cases=("a", "b", "c")):
+    for sub in ("pred", "ref"):
+        (root / sub).mkdir()
+    for i, case in enumerate(cases):
+        reference = label_volume()
+        write_volume(reference, (5.0, 1.0, 1.0), root / "ref" / f"{case}.nii.gz")
+        write_volume(np.roll(reference, i, axis=2), (5.0, 1.0, 1.0), root / "pred" / f"{case}.nii.gz")
+    return root / "pred", root / "ref"
+
+
+def test_evaluate_a_folder_against_a_folder_of_references(tmp_path, capsys):
+    predictions, references = _prediction_folders(tmp_path)
+    output = tmp_path / "summary.json"
+    assert main(["evaluate", "-i", str(predictions), "--labels", str(references), "--classes", "outer", "inner",
+                 "-o", str(output)]) == 0
+    summary = json.loads(output.read_text(encoding="utf-8"))
+    assert summary["class_labels"] == {"outer": 1, "inner": 2}
+    assert summary["cases_scored"] == summary["cases_with_reference"] == 3 and summary["cases_missing"] == []
+    case_a = next(c for c in summary["metric_per_case"] if c["case"] == "a")
+    assert case_a["metrics"]["outer"]["Dice"] == 1.0  # no shift for the first case
+    assert main(["evaluate", "-i", str(predictions), "--labels", str(references), "-o", str(output)]) == 0
+    assert json.loads(output.read_text(encoding="utf-8"))["class_labels"] == {"1": 1, "2": 2}
+
+
+def test_evaluate_refuses_a_partial_prediction_set_unless_allowed(tmp_path, capsys):
+    predictions, references = _prediction_folders(tmp_path)
+    (predictions / "c.nii.gz").unlink()
+    output = tmp_path / "summary.json"
+    assert main(["evaluate", "-i", str(predictions), "--labels", str(references), "-o", str(output)]) == 2
+    assert "1 of the 3 cases" in capsys.readouterr().err and not output.exists()
+    assert main(["evaluate", "-i", str(predictions), "--labels", str(references), "-o", str(output),
+                 "--allow_missing"]) == 0
+    assert "2 of 3 cases" in capsys.readouterr().out
+    summary = json.loads(output.read_text(encoding="utf-8"))
+    assert (summary["cases_scored"], summary["cases_with_reference"], summary["cases_missing"]) == (2, 3, ["c"])
+
+
+def test_evaluate_refuses_a_prediction_on_another_grid(tmp_path, capsys):
+    predictions, references = _prediction_folders(tmp_path)
+    write_volume(label_volume(), (5.0, 1.0, 1.0), predictions / "b.nii.gz", Geometry((0.0, 0.0, 7.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    assert main(["evaluate", "-i", str(predictions), "--labels", str(references), "-o", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "b.nii.gz" in err and "the prediction's origin" in err
