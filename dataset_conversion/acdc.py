@@ -211,7 +211,7 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
     duplicates = sorted({c for c in cases if cases.count(c) > 1})
     if duplicates:
         raise UserInputError(f"Duplicate case ids: {duplicates[:3]}.")
-    _, test_patients = hold_out({f.patient for f in frames}, num_test_patients, choice.seed, "--test_patients")
+    _, test_patients = hold_out({f.patient for f in frames}, num_test_patients, choice.seed, "--test_count")
     train_frames = [f for f in frames if f.patient not in test_patients]
     test_frames = [f for f in frames if f.patient in test_patients]
     folders = write_twins(
@@ -236,6 +236,8 @@ def convert_from_args(args) -> tuple[Path, Path]:
     if (args.official is None) == (args.h5 is None):
         raise UserInputError("Give exactly one source: --official DIR (patientXXX folders) or --h5 DIR.")
     if args.official is not None:
+        if args.spacing is not None:
+            raise UserInputError("--spacing is for --h5 volumes; the official NIfTI files carry their spacing.")
         source = Path(args.official)
         if not source.is_dir():
             raise UserInputError(f"{source} does not exist.")
@@ -251,5 +253,5 @@ def convert_from_args(args) -> tuple[Path, Path]:
                          if p.name[: -len("_scribble.nii.gz")] not in known)
         if orphans:
             raise UserInputError(f"Scribble file(s) without an image: {orphans[:3]} in {scribbles}.")
-    return convert_acdc(frames, raw, preprocessed, choice_from_args(args), args.scribble_id, args.dense_id,
-                        args.test_patients, args.overwrite, args.np)
+    return convert_acdc(frames, raw, preprocessed, choice_from_args(args), args.id, args.dense_id,
+                        args.test_count, args.overwrite, args.np)

@@ -93,6 +93,14 @@ def load_nifti_subject(image_file: Path, label_file: Path) -> LoadedCase:
     return LoadedCase([image[0].astype(np.float32)], image[1], label_map.astype(np.uint8), geometry=image[2])
 
 
+def modality(args) -> str:
+    """The sequence converted: ``--modality`` of the official layout (default T2SPIR); the NIfTI layout's one."""
+    if args.nifti is not None and args.modality is not None:
+        raise UserInputError("--modality chooses a sequence of the --official layout; the --nifti layout holds one "
+                             "(written as T2SPIR).")
+    return args.modality or "T2SPIR"
+
+
 def find_subjects(args) -> tuple[dict, dict[str, str]]:
     """Case id to loader, and the channel names, for the layout given on the command line."""
     if (args.official is None) == (args.nifti is None):
@@ -114,9 +122,9 @@ def find_subjects(args) -> tuple[dict, dict[str, str]]:
             raise UserInputError(f"Label file(s) without an image: {orphans[:3]} in {source}.")
         channels = {"0": "T2SPIR"}
     else:
-        subjects = sorted(p for p in source.iterdir() if (p / args.modality).is_dir())
-        loaders = {f"chaos_{p.name}": partial(load_official_subject, p, args.modality) for p in subjects}
-        channels = {"0": "T2SPIR"} if args.modality == "T2SPIR" else {"0": "T1_in_phase", "1": "T1_out_phase"}
+        subjects = sorted(p for p in source.iterdir() if (p / modality(args)).is_dir())
+        loaders = {f"chaos_{p.name}": partial(load_official_subject, p, modality(args)) for p in subjects}
+        channels = {"0": "T2SPIR"} if modality(args) == "T2SPIR" else {"0": "T1_in_phase", "1": "T1_out_phase"}
     if not loaders:
         raise UserInputError(f"{source} holds no CHAOS subjects in the {'NIfTI' if args.nifti else 'official'} layout.")
     return loaders, channels
@@ -127,10 +135,10 @@ def convert_from_args(args) -> tuple[Path, Path]:
     raw, preprocessed = output_roots(args)
     loaders, channels = find_subjects(args)
     choice = choice_from_args(args)
-    train, test = hold_out(loaders, args.test_subjects, choice.seed, "--test_subjects")
+    train, test = hold_out(loaders, args.test_count, choice.seed, "--test_count")
     return write_twins(
         raw, preprocessed, (f"Dataset{args.id:03d}_CHAOS", f"Dataset{args.dense_id:03d}_CHAOSDense"), channels,
         CHAOS_LABELS, choice, training={s: loaders[s] for s in train}, test={s: loaders[s] for s in test},
         splits=generate_crossval_split(train, seed=12345, n_splits=5), overwrite=args.overwrite,
         num_processes=args.np,
-        extra_json={"description": f"CHAOS MRI {args.modality} (Kavur et al., MedIA 2021)"})
+        extra_json={"description": f"CHAOS MRI {modality(args)} (Kavur et al., MedIA 2021)"})

@@ -108,6 +108,11 @@ def convert_from_args(args) -> list[Path]:
         raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
     if folders["labels"] is None and folders["scribbles"] is None:
         raise UserInputError("Give dense labels (--labels), scribbles (--scribbles) or both.")
+    if folders["labels"] is None and (args.test_count or args.dense_id is not None):
+        raise UserInputError("--test_count and --dense_id need --labels: held-out test cases are scored on dense "
+                             "labels, and the dense twin is made of them.")
+    if folders["scribbles"] is None and args.scribble_ignore is not None:
+        raise UserInputError("--scribble_ignore is the un-annotated value of --scribbles; give the scribbles too.")
     images = find_images(folders["images"], ending)
     if args.channel_names and len(args.channel_names) != len(next(iter(images.values()))):
         raise UserInputError(f"{len(args.channel_names)} channel names for {len(next(iter(images.values())))} channels.")
@@ -135,7 +140,7 @@ def convert_from_args(args) -> list[Path]:
             raise UserInputError(f"Case(s) {missing[:3]} have no dense label in {folders['labels']}; give labels for "
                                  f"every case, or leave --labels out (scribbles only).")
         choice = choice_from_args(args)
-        train, test = hold_out(images, args.test_cases, choice.seed, "--test_cases")
+        train, test = hold_out(images, args.test_count, choice.seed, "--test_count")
         return list(write_twins(raw, preprocessed, (name, f"Dataset{args.dense_id:03d}_{args.name}Dense"),
                                 channel_names, classes, choice, {c: loaders[c] for c in train},
                                 {c: loaders[c] for c in test},

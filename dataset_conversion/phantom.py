@@ -76,5 +76,5 @@ def convert_phantom(raw_root: str | os.PathLike, preprocessed_root: str | os.Pat
 
 def convert_from_args(args) -> tuple[Path, Path]:
     raw, preprocessed = output_roots(args)
-    return convert_phantom(raw, preprocessed, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
+    return convert_phantom(raw, preprocessed, args.dense_id, args.id, args.num_train, args.test_count, args.seed,
                            (args.size, args.size), overwrite=args.overwrite, num_processes=args.np)

@@ -50,13 +50,13 @@ def _cmd_evaluate(args) -> None:
     from pathlib import Path
     from nnunet_weak.evaluation import reference_labels, score_cases
     from nnunet_weak.raw_dataset import load_raw_dataset
-    predictions = Path(args.predictions)
-    if not predictions.is_dir():
-        raise UserInputError(f"Prediction folder {predictions} does not exist.")
     if (args.d is None) == (args.labels is None):
         raise UserInputError("Give the references either as a dataset (-d, with --reference test or train) or as a "
                              "folder (--labels DIR), not both.")
     dataset = load_raw_dataset(args.d) if args.d is not None else None
+    predictions = Path(args.predictions)
+    if not predictions.is_dir():
+        raise UserInputError(f"Prediction folder {predictions} does not exist.")
     if dataset is not None and args.classes:
         raise UserInputError("--classes is for --labels; a dataset's classes come from its dataset.json.")
     ending = dataset.file_ending if dataset else args.file_ending
@@ -168,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = conv.add_parser("phantom", help="the synthetic cardiac phantom: a dense dataset and its scribble twin",
                         description="Generate the synthetic short-axis cardiac phantom and write a dense "
                                     "dataset and a scribble dataset (same images, same test cases).")
+    q.add_argument("--id", "--sparse_id", dest="id", type=int, default=991, help="id of the scribble dataset (default 991)")
     q.add_argument("--dense_id", type=int, default=990, help="id of the dense dataset (default 990)")
-    q.add_argument("--sparse_id", type=int, default=991, help="id of the scribble dataset (default 991)")
-    q.add_argument("--num_train", type=int, default=20, help="training cases (default 20)")
-    q.add_argument("--num_test", type=int, default=8, help="held-out test cases (default 8)")
+    q.add_argument("--num_train", type=int, default=20, help="training cases (default 20; at least 5)")
+    q.add_argument("--test_count", "--num_test", dest="test_count", type=int, default=8,
+                   help="held-out test cases (default 8)")
     q.add_argument("--size", type=int, default=48, help="in-plane size in voxels (default 48)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_output_arguments(q)
@@ -186,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--h5", default=None, help="folder of WSL4MIS patientXXX_frameYY.h5 files (or its volumes/)")
     q.add_argument("--spacing", default=None, help="CSV case,spacing_x_mm,spacing_y_mm,spacing_z_mm (for --h5)")
     q.add_argument("--scribbles", default=None, help="folder of patientXXX_frameYY_scribble.nii.gz (Valvano et al.)")
-    q.add_argument("--scribble_id", type=int, default=27, help="id of the scribble dataset (default 27)")
+    q.add_argument("--id", "--scribble_id", dest="id", type=int, default=27, help="id of the scribble dataset (default 27)")
     q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
-    q.add_argument("--test_patients", type=int, default=20, help="whole patients held out for testing (default 20)")
+    q.add_argument("--test_count", "--test_patients", dest="test_count", type=int, default=20,
+                   help="whole patients (both frames) held out for testing (default 20; at least 5 training "
+                        "patients must remain)")
     add_supervision_arguments(q)
     _add_output_arguments(q)
     q.set_defaults(func=partial(_cmd_convert, "acdc"))
@@ -215,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "subjects.")
     q.add_argument("--official", default=None, help="folder of subject folders <ID>/T2SPIR|T1DUAL/{DICOM_anon,Ground}")
     q.add_argument("--nifti", default=None, help="folder of image_<id>.nii.gz + label_<id>.nii.gz")
-    q.add_argument("--modality", choices=["T2SPIR", "T1DUAL"], default="T2SPIR",
-                   help="official layout: which sequence (T1DUAL gives in- and out-phase channels)")
-    q.add_argument("--test_subjects", type=int, default=4, help="subjects held out for testing (default 4)")
+    q.add_argument("--modality", choices=["T2SPIR", "T1DUAL"], default=None,
+                   help="official layout: which sequence (default T2SPIR; T1DUAL gives in- and out-phase channels)")
+    q.add_argument("--test_count", "--test_subjects", dest="test_count", type=int, default=4,
+                   help="subjects held out for testing (default 4; at least 5 training subjects must remain)")
     q.add_argument("--id", type=int, default=38, help="id of the weakly labelled dataset (default 38)")
     q.add_argument("--dense_id", type=int, default=138, help="id of the dense twin (default 138)")
     _add_output_arguments(q)
@@ -239,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", required=True, help="dataset name (DatasetXXX_<name>)")
     q.add_argument("--id", type=int, required=True, help="dataset id")
     q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
-    q.add_argument("--test_cases", type=int, default=0, help="cases held out for testing, with --labels (default 0)")
+    q.add_argument("--test_count", "--test_cases", dest="test_count", type=int, default=0,
+                   help="cases held out for testing, with --labels (default 0; at least 5 training cases must remain)")
     q.add_argument("--file_ending", default=".nii.gz", help="ending of your files (default .nii.gz)")
     _add_output_arguments(q)
     add_supervision_arguments(q)
@@ -335,10 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and preprocess (2d), and compare dense nnU-Net (upper bound) with nnU-Net + "
                                    "partial loss and ScribbleAttentionTrainer on the scribbles, scored on dense "
                                    "test labels, with the validation scores, paired statistics and figures.")
+    p.add_argument("--id", "--sparse_id", dest="id", type=int, default=991,
+                   help="id of the scribble phantom dataset (default 991)")
     p.add_argument("--dense_id", type=int, default=990, help="id of the dense phantom dataset (default 990)")
-    p.add_argument("--sparse_id", type=int, default=991, help="id of the scribble phantom dataset (default 991)")
     p.add_argument("--num_train", type=int, default=20, help="training cases (default 20)")
-    p.add_argument("--num_test", type=int, default=8, help="test cases (default 8)")
+    p.add_argument("--test_count", "--num_test", dest="test_count", type=int, default=8, help="test cases (default 8)")
     p.add_argument("--budget", default="demo", help=f"training budget: {budgets} (default: demo)")
     p.add_argument("--trainers", nargs="+", default=["nnUNetWeakTrainer", "ScribbleAttentionTrainer"],
                    help="trainers to compare on the scribbles (default: nnUNetWeakTrainer, the partial-loss "

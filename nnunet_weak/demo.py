@@ -29,7 +29,7 @@ def _check_ids_free_or_ours(dataset_id: int, expected_name: str) -> None:
     others = [n for n in find_candidate_datasets(dataset_id) if n != expected_name]
     if others:
         raise UserInputError(f"Dataset id {dataset_id} is already used by {others}; choose other ids for the demo "
-                             f"(--dense_id / --sparse_id).")
+                             f"(--dense_id / --id).")
 
 
 def _phantom_matches(folder, num_train: int, seed: int) -> bool:
@@ -42,9 +42,9 @@ def run_demo(args) -> list[dict]:
     raw = required_folder("nnUNet_raw")
     preprocessed = required_folder("nnUNet_preprocessed")
     required_folder("nnUNet_results")
-    dense_name, sparse_name = phantom_dataset_names(args.dense_id, args.sparse_id)
+    dense_name, sparse_name = phantom_dataset_names(args.dense_id, args.id)
     _check_ids_free_or_ours(args.dense_id, dense_name)
-    _check_ids_free_or_ours(args.sparse_id, sparse_name)
+    _check_ids_free_or_ours(args.id, sparse_name)
 
     n = int(os.environ.get("nnUNet_def_n_proc", os.cpu_count() or 1))
     print("[1/3] Phantom datasets")
@@ -53,10 +53,10 @@ def run_demo(args) -> list[dict]:
         for name in (dense_name, sparse_name):
             if not _phantom_matches(raw / name, args.num_train, args.seed):
                 raise UserInputError(f"{raw / name} was made with other settings (seed or number of cases); "
-                                     f"delete it or use other ids (--dense_id / --sparse_id).")
+                                     f"delete it or use other ids (--dense_id / --id).")
         print(f"  reusing {dense_name} and {sparse_name}")
     else:
-        convert_phantom(raw, preprocessed, args.dense_id, args.sparse_id, args.num_train, args.num_test, args.seed,
+        convert_phantom(raw, preprocessed, args.dense_id, args.id, args.num_train, args.test_count, args.seed,
                         overwrite=any(existing), num_processes=n)
 
     print("[2/3] Planning and preprocessing (2d)")

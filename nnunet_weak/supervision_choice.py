@@ -166,23 +166,35 @@ def add_supervision_arguments(parser, default_mode: str = "weak") -> None:
     """The supervision options shared by every ``nnunet-weak convert`` sub-command."""
     parser.add_argument("--supervision", choices=MODES, default=default_mode,
                         help=f"what labelsTr holds (default: {default_mode})")
-    parser.add_argument("--weak_label", choices=WEAK_LABELS, default="scribble",
+    parser.add_argument("--weak_label", choices=WEAK_LABELS, default=None,
                         help="weak label for weak/mixed supervision (default: scribble; real ones when given)")
     parser.add_argument("--labelled_count", type=int, default=None,
-                        help="semi/mixed: keep labels for the first N cases (of the standard list if any)")
+                        help="semi/mixed: keep labels for the first N cases (of the standard list if any; ACDC's "
+                             "cases are frames, two per patient)")
     parser.add_argument("--labelled_cases", nargs="+", default=None, help="semi/mixed: these case ids keep labels")
     parser.add_argument("--labelled_fraction", type=float, default=None,
                         help="semi/mixed: a seeded random fraction of the cases keeps labels")
-    parser.add_argument("--erosion_iterations", type=int, default=5, help="erosion weak labels: iterations (default 5)")
+    parser.add_argument("--erosion_iterations", type=int, default=None,
+                        help="erosion weak labels: iterations (default 5)")
     parser.add_argument("--simulate_scribbles", action="store_true",
                         help="simulate scribbles even where hand-drawn ones are given (to compare the two)")
     parser.add_argument("--seed", type=int, default=0, help="seed of selections and generated labels (default 0)")
 
 
 def choice_from_args(args, order: Sequence[str] | None = None) -> SupervisionChoice:
+    """The supervision the ``convert`` options ask for; an option the chosen supervision would ignore is an error."""
     given = any(x is not None for x in (args.labelled_count, args.labelled_cases, args.labelled_fraction))
+    if given and args.supervision not in ("semi", "mixed"):
+        raise UserInputError(f"--labelled_count/--labelled_cases/--labelled_fraction choose the densely labelled cases "
+                             f"of semi or mixed supervision; --supervision {args.supervision} has none.")
+    if args.weak_label is not None and args.supervision not in ("weak", "mixed"):
+        raise UserInputError(f"--weak_label is for weak or mixed supervision; --supervision {args.supervision} writes "
+                             f"no weak labels.")
+    weak_label = args.weak_label or "scribble"
+    if args.erosion_iterations is not None and weak_label != "erosion":
+        raise UserInputError(f"--erosion_iterations is for --weak_label erosion, not {weak_label}.")
     selection = LabelledSelection(args.labelled_count, order, args.labelled_cases,
                                   args.labelled_fraction) if given else None
-    return SupervisionChoice(args.supervision, args.weak_label, selection, args.seed,
-                             erosion_iterations=args.erosion_iterations,
+    return SupervisionChoice(args.supervision, weak_label, selection, args.seed,
+                             erosion_iterations=args.erosion_iterations or 5,
                              use_real_scribbles=not args.simulate_scribbles)

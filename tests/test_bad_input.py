@@ -206,3 +206,19 @@ def test_evaluate_refuses_a_prediction_on_another_grid(tmp_path, capsys):
     assert main(["evaluate", "-i", str(predictions), "--labels", str(references), "-o", str(tmp_path / "s.json")]) == 2
     err = capsys.readouterr().err
     assert "b.nii.gz" in err and "the prediction's origin" in err
+
+
+def test_options_the_chosen_supervision_would_ignore_are_refused(tmp_path, nnunet_folders, capsys):
+    args = _own_folders(tmp_path, _plain)
+    for extra, message in [(["--labelled_count", "2"], "--supervision weak has none"),
+                           (["--supervision", "semi", "--labelled_count", "2", "--weak_label", "box"],
+                            "--weak_label is for weak or mixed"),
+                           (["--erosion_iterations", "2"], "--erosion_iterations is for --weak_label erosion")]:
+        assert main(args + extra) == 2
+        assert message in capsys.readouterr().err
+    scribbles_only = [a for a in args if a not in ("--labels", str(tmp_path / "labels"), "--dense_id", "601")]
+    assert main(scribbles_only + ["--scribbles", str(tmp_path / "labels"), "--test_count", "1"]) == 2
+    assert "--test_count and --dense_id need --labels" in capsys.readouterr().err
+    assert main(args + ["--scribble_ignore", "9"]) == 2
+    assert "--scribble_ignore is the un-annotated value of --scribbles" in capsys.readouterr().err
+    assert not any(nnunet_folders["nnUNet_raw"].iterdir())

@@ -177,7 +177,7 @@ def test_label_out_of_range(official_layout, nnunet_folders, capsys):
 def test_too_many_test_patients(official_layout, nnunet_folders, capsys):
     root, _ = official_layout
     assert main(["convert", "acdc", "--official", str(root), "--test_patients", "7"]) == 2
-    assert "lower --test_patients" in capsys.readouterr().err
+    assert "lower --test_count" in capsys.readouterr().err
 
 
 def test_existing_dataset_needs_overwrite(official_layout, nnunet_folders, capsys):

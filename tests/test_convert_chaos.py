@@ -126,7 +126,7 @@ def test_errors(official_layout, nifti_layout, nnunet_folders, capsys):
     assert main(["convert", "chaos", "--nifti", str(nifti_layout), "--test_subjects", "1"]) == 2
     assert "label_3.nii.gz" in capsys.readouterr().err
     assert main(["convert", "chaos", "--official", str(official_layout), "--test_subjects", "3"]) == 2
-    assert "lower --test_subjects" in capsys.readouterr().err
+    assert "lower --test_count" in capsys.readouterr().err
     assert not any(nnunet_folders["nnUNet_raw"].iterdir())
 
 
