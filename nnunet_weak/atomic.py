@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask_allows(path: str | os.PathLike) -> None:
+    """Give a temporary file or folder (created 0600/0700 by ``tempfile``) the permissions a plain ``open`` or
+    ``mkdir`` would have given it, so that colleagues on a shared server can read what is written."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def write_json_atomic(data, path: str | os.PathLike, indent: int = 2) -> None:
     """Serialise ``data`` as JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
@@ -24,6 +36,7 @@ def write_json_atomic(data, path: str | os.PathLike, indent: int = 2) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=indent, sort_keys=False, allow_nan=True)
             f.write("\n")
+        readable_as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -39,6 +52,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        readable_as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -61,6 +75,7 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    readable_as_umask_allows(staging)
     try:
         yield staging
     except BaseException:

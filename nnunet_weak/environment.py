@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 from pathlib import Path
 
 from nnunet_weak.errors import UserInputError
@@ -44,8 +45,9 @@ def environment_with_trainers(env: dict | None = None) -> dict:
 def export_lines(root: str | None, has_gpu: bool, cpu_count: int) -> list[str]:
     """The ``export`` lines ``nnunet-weak env`` prints.
 
-    Folders already set in the environment are kept unless ``root`` is given; unset folders go
-    under ``root`` (default ``~/nnUNet_data``). On a machine without a GPU the data-augmentation
+    Folders already set in the environment are kept unless ``root`` is given (then all three go under
+    it); unset folders go under ``root`` (default ``~/nnUNet_data``). Values are shell-quoted, so
+    that a path with a space survives ``eval``. On a machine without a GPU the data-augmentation
     and default worker counts are set to the number of cores, since nnU-Net's defaults (12 and 8)
     assume a GPU server.
     """
@@ -53,8 +55,8 @@ def export_lines(root: str | None, has_gpu: bool, cpu_count: int) -> list[str]:
     lines = []
     for name in NNUNET_FOLDERS:
         value = os.environ.get(name) if root is None else None
-        lines.append(f"export {name}={value or base / name}")
-    lines.append(f"export nnUNet_extTrainer={ext_trainer_value(os.environ.get('nnUNet_extTrainer'))}")
+        lines.append(f"export {name}={shlex.quote(str(value or base / name))}")
+    lines.append(f"export nnUNet_extTrainer={shlex.quote(ext_trainer_value(os.environ.get('nnUNet_extTrainer')))}")
     if not has_gpu:
         n = max(1, cpu_count)
         lines.append(f"export nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', n)}")

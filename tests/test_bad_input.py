@@ -1,6 +1,11 @@
 """Inputs that used to pass silently and corrupt a label or a score: each is now a clear error."""
 import gzip
 import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -222,3 +227,25 @@ def test_options_the_chosen_supervision_would_ignore_are_refused(tmp_path, nnune
     assert main(args + ["--scribble_ignore", "9"]) == 2
     assert "--scribble_ignore is the un-annotated value of --scribbles" in capsys.readouterr().err
     assert not any(nnunet_folders["nnUNet_raw"].iterdir())
+
+
+def test_env_lines_survive_eval_with_a_space_in_the_root(tmp_path):
+    root = tmp_path / "my data"
+    script = f'eval "$({sys.executable} -m nnunet_weak.cli env --root {shlex.quote(str(root))})"; echo "$nnUNet_raw"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, encoding="utf-8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(root.resolve() / "nnUNet_raw")
+
+
+def test_written_datasets_follow_the_umask(tmp_path, nnunet_folders):
+    previous = os.umask(0o022)
+    try:
+        assert main(_own_folders(tmp_path, _plain)) == 0
+    finally:
+        os.umask(previous)
+    dataset = nnunet_folders["nnUNet_raw"] / "Dataset501_Mine"
+    modes = {p.relative_to(dataset).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [dataset, *dataset.rglob("*")]}
+    assert modes["."] == modes["imagesTr"] == 0o755
+    assert modes["dataset.json"] == modes["supervision.json"] == 0o644
+    splits = nnunet_folders["nnUNet_preprocessed"] / "Dataset501_Mine" / "splits_final.json"
+    assert stat.S_IMODE(splits.stat().st_mode) == 0o644
