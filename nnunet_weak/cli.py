@@ -119,7 +119,7 @@ def _cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_weak.budget import NAMED_BUDGETS
+    from nnunet_weak.budget import BUDGET_ENV, DEFAULT_BUDGET, NAMED_BUDGETS
     from nnunet_weak.supervision_choice import add_supervision_arguments
     budgets = f"{', '.join(NAMED_BUDGETS)} or <epochs>x<iterations>"
     parser = argparse.ArgumentParser(
@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", nargs="+", default=["nnUNetWeakTrainer"],
                    help="trainers to train on the sparse dataset (default: nnUNetWeakTrainer, the partial-loss "
                         "baseline)")
-    p.add_argument("--budget", default="demo", help=f"training budget: {budgets} (default: demo)")
+    p.add_argument("--budget", default=os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET,
+                   help=f"training budget: {budgets} (default: $NNUNET_WEAK_BUDGET if set, else nnunet, nnU-Net's "
+                        f"1000x250: what nnUNetv2_train would run)")
     p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
     p.add_argument("-f", dest="folds", nargs="+", default=["0"],
                    help="fold(s) to train; several are ensembled for the test prediction (default: 0)")
@@ -322,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                    help="option values to try, e.g. --grid lambda_crf=0.05,0.1,0.2 crf_rampup=0,0.5 (every "
                         "combination is trained)")
-    p.add_argument("--budget", default="demo", help=f"training budget: {budgets} (default: demo)")
+    p.add_argument("--budget", default=os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET,
+                   help=f"training budget: {budgets} (default: $NNUNET_WEAK_BUDGET if set, else nnunet, nnU-Net's "
+                        f"1000x250: what nnUNetv2_train would run)")
     p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
     p.add_argument("-f", dest="folds", nargs="+", default=["0"], help="fold(s) to train and validate (default: 0)")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
