@@ -16,10 +16,12 @@ from __future__ import annotations
 import re
 from functools import partial
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, hold_out, write_twins
+from nnunet_weak.dataset_conversion.twins import (LoadedCase, case_record, hold_out, output_roots, read_case_list,
+                                                 write_datasets, write_twins)
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, integer_labels, read_volume, write_raw_dataset
 from nnunet_weak.supervision_choice import choice_from_args
@@ -99,7 +101,7 @@ def convert_from_args(args) -> list[Path]:
     raw, preprocessed = output_roots(args)
     ending = args.file_ending
     folders = {}
-    for name in ("images", "labels", "scribbles"):
+    for name in ("images", "labels", "scribbles", "test_images", "test_labels"):
         value = getattr(args, name)
         if value is not None and not Path(value).is_dir():
             raise UserInputError(f"--{name} folder {value} does not exist.")
@@ -108,44 +110,80 @@ def convert_from_args(args) -> list[Path]:
         raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
     if folders["labels"] is None and folders["scribbles"] is None:
         raise UserInputError("Give dense labels (--labels), scribbles (--scribbles) or both.")
-    if folders["labels"] is None and (args.test_count or args.dense_id is not None):
-        raise UserInputError("--test_count and --dense_id need --labels: held-out test cases are scored on dense "
-                             "labels, and the dense twin is made of them.")
+    if folders["labels"] is None and (args.test_count or args.test_list or args.dense_id is not None):
+        raise UserInputError("--test_count, --test_list and --dense_id need --labels: test cases drawn from --images "
+                             "are scored on their dense labels, and the dense twin is made of them. Held-out test "
+                             "cases of a scribble-only dataset go in --test_images and --test_labels.")
     if folders["scribbles"] is None and args.scribble_ignore is not None:
         raise UserInputError("--scribble_ignore is the un-annotated value of --scribbles; give the scribbles too.")
+    if (folders["test_images"] is None) != (folders["test_labels"] is None):
+        raise UserInputError("--test_images and --test_labels go together: held-out test cases are scored on dense "
+                             "labels.")
+    held_out_ways = [bool(args.test_count), args.test_list is not None, folders["test_images"] is not None]
+    if sum(held_out_ways) > 1:
+        raise UserInputError("Choose the held-out test cases one way: --test_count, --test_list or --test_images.")
     images = find_images(folders["images"], ending)
-    if args.channel_names and len(args.channel_names) != len(next(iter(images.values()))):
-        raise UserInputError(f"{len(args.channel_names)} channel names for {len(next(iter(images.values())))} channels.")
-    channel_names = {str(i): n for i, n in enumerate(args.channel_names or ["image"] * len(next(iter(images.values()))))}
+    test_images = find_images(folders["test_images"], ending) if folders["test_images"] is not None else {}
+    if set(test_images) & set(images):
+        raise UserInputError(f"Case(s) {sorted(set(test_images) & set(images))[:3]} are in both --images and "
+                             f"--test_images; a case is either for training or for testing.")
+    channel_counts = {len(v) for v in [*images.values(), *test_images.values()]}
+    if len(channel_counts) != 1:
+        raise UserInputError(f"--images and --test_images have different numbers of channels ({sorted(channel_counts)}).")
+    num_channels = channel_counts.pop()
+    if args.channel_names and len(args.channel_names) != num_channels:
+        raise UserInputError(f"{len(args.channel_names)} channel names for {num_channels} channels.")
+    channel_names = {str(i): n for i, n in enumerate(args.channel_names or ["image"] * num_channels)}
     classes = {"background": 0, **{name: i + 1 for i, name in enumerate(args.classes)}}
     num_classes = len(args.classes)
     scribble_ignore = args.scribble_ignore if args.scribble_ignore is not None else num_classes + 1
 
-    def files_in(folder: Path | None) -> dict[str, Path]:
+    def files_in(folder: Path | None, cases: Mapping[str, list[Path]], option: str) -> dict[str, Path]:
         if folder is None:
             return {}
         found = {f.name[: -len(ending)]: f for f in folder.iterdir() if f.name.endswith(ending)}
-        orphans = sorted(set(found) - set(images))
+        orphans = sorted(set(found) - set(cases))
         if orphans:
-            raise UserInputError(f"{folder} has file(s) for case(s) without an image: {orphans[:3]}.")
+            raise UserInputError(f"{folder} has file(s) for case(s) without an image in {option}: {orphans[:3]}.")
         return found
 
-    labels, scribbles = files_in(folders["labels"]), files_in(folders["scribbles"])
+    labels = files_in(folders["labels"], images, "--images")
+    scribbles = files_in(folders["scribbles"], images, "--images")
+    test_labels = files_in(folders["test_labels"], test_images, "--test_images")
+    for cases, found, option in ((images, labels, "--labels"), (test_images, test_labels, "--test_labels")):
+        missing = sorted(set(cases) - set(found)) if (found or option == "--test_labels") else []
+        if missing:
+            raise UserInputError(f"Case(s) {missing[:3]} have no dense label in {option}; every case there needs one"
+                                 + (", or leave --labels out (scribbles only)." if option == "--labels" else "."))
     loaders = {c: partial(load_own_case, images[c], labels.get(c), scribbles.get(c), num_classes, scribble_ignore)
                for c in images}
+    test_loaders = {c: partial(load_own_case, test_images[c], test_labels[c], None, num_classes, scribble_ignore)
+                    for c in test_images}
     name = f"Dataset{args.id:03d}_{args.name}"
     if folders["labels"] is not None:
-        missing = sorted(set(images) - set(labels))
-        if missing:
-            raise UserInputError(f"Case(s) {missing[:3]} have no dense label in {folders['labels']}; give labels for "
-                                 f"every case, or leave --labels out (scribbles only).")
         choice = choice_from_args(args)
-        train, test = hold_out(images, args.test_count, choice.seed, "--test_count")
+        if args.test_list is not None:
+            listed = read_case_list(Path(args.test_list))
+            unknown = sorted(set(listed) - set(images))
+            if unknown:
+                raise UserInputError(f"{args.test_list} names case(s) not in --images: {unknown[:3]}.")
+            train = [c for c in sorted(images) if c not in set(listed)]
+            test = sorted(set(listed))
+            if len(train) < 5:
+                raise UserInputError(f"{args.test_list} leaves {len(train)} training cases; nnU-Net's folds need 5.")
+        else:
+            train, test = hold_out(images, args.test_count, choice.seed, "--test_count")
+        test_loaders.update({c: loaders[c] for c in test})
         return list(write_twins(raw, preprocessed, (name, f"Dataset{args.dense_id:03d}_{args.name}Dense"),
-                                channel_names, classes, choice, {c: loaders[c] for c in train},
-                                {c: loaders[c] for c in test},
+                                channel_names, classes, choice, {c: loaders[c] for c in train}, test_loaders,
                                 generate_crossval_split(train, seed=12345, n_splits=5), args.overwrite, args.np))
     ignore = num_classes + 1
-    return [write_raw_dataset(raw, name, channel_names, dict(classes, ignore=ignore),
-                              [partial(sparse_or_unlabelled_case, loaders[c], c, ignore) for c in sorted(images)],
-                              overwrite=args.overwrite, file_ending=".nii.gz", num_processes=args.np)]
+
+    def write(root: Path, dataset: str) -> Path:
+        return write_raw_dataset(root, dataset, channel_names, dict(classes, ignore=ignore),
+                                 [partial(sparse_or_unlabelled_case, loaders[c], c, ignore) for c in sorted(images)],
+                                 test=[partial(case_record, test_loaders[c], c, None, False, ignore)
+                                       for c in sorted(test_loaders)],
+                                 file_ending=".nii.gz", num_processes=args.np)
+
+    return list(write_datasets(raw, preprocessed, (name,), write, overwrite=args.overwrite))

@@ -20,21 +20,10 @@ import numpy as np
 
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import check_same_grid, integer_labels, read_volume
-from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, read_case_list, write_twins
 from nnunet_weak.supervision_choice import choice_from_args
 
 LA_LABELS = {"background": 0, "left_atrium": 1}
-
-
-def read_case_list(path: Path) -> list[str]:
-    """Case ids, one per line (blank lines ignored; a trailing ``/mri_norm2.h5`` is dropped)."""
-    if not path.is_file():
-        raise UserInputError(f"Case list {path} does not exist.")
-    cases = [line.strip().split("/")[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    duplicates = sorted({c for c in cases if cases.count(c) > 1})
-    if duplicates:
-        raise UserInputError(f"{path} lists case(s) {duplicates[:3]} more than once.")
-    return cases
 
 
 def load_official(folder: Path) -> LoadedCase:

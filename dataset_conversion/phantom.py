@@ -11,7 +11,7 @@ import os
 from functools import partial
 from pathlib import Path
 
-from nnunet_weak.dataset_conversion.twins import output_roots, write_dataset_pair
+from nnunet_weak.dataset_conversion.twins import output_roots, write_datasets
 from nnunet_weak.phantom import PHANTOM_LABELS, generate_case
 from nnunet_weak.raw_dataset import CaseRecord, write_raw_dataset
 from nnunet_weak.scribbles import simulate_scribbles
@@ -42,7 +42,7 @@ def phantom_case(seed: int, scribbles: bool, training: bool, shape_yx: tuple[int
 def convert_phantom(raw_root: str | os.PathLike, preprocessed_root: str | os.PathLike, dense_id: int, sparse_id: int,
                     num_train: int = 20, num_test: int = 8, seed: int = 0, shape_yx: tuple[int, int] = (48, 48),
                     overwrite: bool = False, num_processes: int = 1) -> tuple[Path, Path]:
-    """Write the dense phantom dataset and its scribble twin under ``raw_root`` (``write_dataset_pair``).
+    """Write the dense phantom dataset and its scribble twin under ``raw_root`` (``write_datasets``).
 
     Args:
         raw_root, preprocessed_root: nnU-Net's folders (a replaced dataset's preprocessed data is removed).
@@ -70,7 +70,7 @@ def convert_phantom(raw_root: str | os.PathLike, preprocessed_root: str | os.Pat
             num_processes=num_processes,
             extra_json={"description": "nnunet-weak synthetic short-axis cardiac phantom", "phantom_seed": seed})
 
-    return write_dataset_pair(Path(raw_root), Path(preprocessed_root), (dense_name, sparse_name), write,
+    return write_datasets(Path(raw_root), Path(preprocessed_root), (dense_name, sparse_name), write,
                               overwrite=overwrite)
 
 

@@ -37,6 +37,17 @@ class LoadedCase:
     geometry: Geometry | None = None
 
 
+def read_case_list(path: Path) -> list[str]:
+    """Case ids, one per line (blank lines ignored; a path after the id, e.g. LA's ``/mri_norm2.h5``, is dropped)."""
+    if not path.is_file():
+        raise UserInputError(f"Case list {path} does not exist.")
+    cases = [line.strip().split("/")[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    duplicates = sorted({c for c in cases if cases.count(c) > 1})
+    if duplicates:
+        raise UserInputError(f"{path} lists case(s) {duplicates[:3]} more than once.")
+    return cases
+
+
 def hold_out(units: Sequence[str], count: int, seed: int, option: str) -> tuple[list[str], list[str]]:
     """Split ``units`` (cases, subjects or patients) into training and a seeded choice of ``count``
     test units, keeping the 5 training units nnU-Net's folds need."""
@@ -105,11 +116,11 @@ def remove_stale_preprocessed(preprocessed_root: Path, name: str) -> list[str]:
     return removed
 
 
-def write_dataset_pair(raw_root: Path, preprocessed_root: Path, names: tuple[str, str],
-                       write: Callable[[Path, str], Path], splits: list[dict] | None = None,
-                       overwrite: bool = False) -> tuple[Path, Path]:
-    """Write two datasets (a dataset and its twin) with ``write(raw_root, name)`` into a staging folder, then
-    move both into place and write their ``splits_final.json``: never one of the pair without the other.
+def write_datasets(raw_root: Path, preprocessed_root: Path, names: tuple[str, ...],
+                   write: Callable[[Path, str], Path], splits: list[dict] | None = None,
+                   overwrite: bool = False) -> tuple[Path, ...]:
+    """Write datasets (usually a dataset and its twin) with ``write(raw_root, name)`` into a staging folder,
+    then move them all into place and write their ``splits_final.json``: never one of a pair without the other.
 
     Every target is checked first (``check_new_datasets``); replacing a dataset also removes its stale
     preprocessed data (``remove_stale_preprocessed``), and says so.
@@ -135,7 +146,7 @@ def write_dataset_pair(raw_root: Path, preprocessed_root: Path, names: tuple[str
     if splits is not None:
         for name in names:
             write_json_atomic(splits, preprocessed_root / name / "splits_final.json")
-    return raw_root / names[0], raw_root / names[1]
+    return tuple(raw_root / name for name in names)
 
 
 def write_twins(raw_root: Path, preprocessed_root: Path, names: tuple[str, str], channel_names: Mapping[str, str],
@@ -166,4 +177,4 @@ def write_twins(raw_root: Path, preprocessed_root: Path, names: tuple[str, str],
             extra_json={**(extra_json or {}),
                         "supervision": (twin_choice or SupervisionChoice("dense")).describe()})
 
-    return write_dataset_pair(raw_root, preprocessed_root, names, write, splits, overwrite)
+    return write_datasets(raw_root, preprocessed_root, names, write, splits, overwrite)

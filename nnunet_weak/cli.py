@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
     q.add_argument("--test_count", "--test_cases", dest="test_count", type=int, default=0,
                    help="cases held out for testing, with --labels (default 0; at least 5 training cases must remain)")
+    q.add_argument("--test_list", default=None,
+                   help="with --labels: file of the case ids to hold out for testing, one per line")
+    q.add_argument("--test_images", default=None,
+                   help="folder of held-out test images, named like --images (e.g. a release whose training scans "
+                        "have scribbles only and whose test scans are labelled densely)")
+    q.add_argument("--test_labels", default=None, help="folder of the dense labels of --test_images")
     q.add_argument("--file_ending", default=".nii.gz", help="ending of your files (default .nii.gz)")
     _add_output_arguments(q)
     add_supervision_arguments(q)

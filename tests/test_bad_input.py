@@ -223,7 +223,7 @@ def test_options_the_chosen_supervision_would_ignore_are_refused(tmp_path, nnune
         assert message in capsys.readouterr().err
     scribbles_only = [a for a in args if a not in ("--labels", str(tmp_path / "labels"), "--dense_id", "601")]
     assert main(scribbles_only + ["--scribbles", str(tmp_path / "labels"), "--test_count", "1"]) == 2
-    assert "--test_count and --dense_id need --labels" in capsys.readouterr().err
+    assert "--test_count, --test_list and --dense_id need --labels" in capsys.readouterr().err
     assert main(args + ["--scribble_ignore", "9"]) == 2
     assert "--scribble_ignore is the un-annotated value of --scribbles" in capsys.readouterr().err
     assert not any(nnunet_folders["nnUNet_raw"].iterdir())

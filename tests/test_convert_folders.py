@@ -82,3 +82,29 @@ def test_errors(own_data, nnunet_folders, capsys):
     assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601")) == 2
     assert "differ in shape" in capsys.readouterr().err
     assert not any(nnunet_folders["nnUNet_raw"].iterdir())
+
+
+def test_scribbles_for_training_dense_labels_for_testing(own_data, nnunet_folders, tmp_path):
+    """A scribble release: training scans with scribbles only, test scans labelled densely."""
+    for sub in ("test_images", "test_labels"):
+        (tmp_path / sub).mkdir()
+    for case in CASES[:2]:
+        for channel in ("0000", "0001"):
+            (own_data / "images" / f"{case}_{channel}.nii.gz").rename(tmp_path / "test_images" / f"{case}_{channel}.nii.gz")
+        (own_data / "labels" / f"{case}.nii.gz").rename(tmp_path / "test_labels" / f"{case}.nii.gz")
+        (own_data / "scribbles" / f"{case}.nii.gz").unlink(missing_ok=True)
+    assert main(_args(own_data, "--scribbles", str(own_data / "scribbles"), "--scribble_ignore", "9",
+                      "--test_images", str(tmp_path / "test_images"), "--test_labels", str(tmp_path / "test_labels"))) == 0
+    dataset = load_raw_dataset(501)
+    assert sorted(dataset.test_cases()) == CASES[:2] and sorted(dataset.training_cases) == CASES[2:]
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset.folder / "labelsTs" / f"{CASES[0]}.nii.gz")))
+    assert set(np.unique(label).tolist()) == {0, 1, 2}  # dense, no ignore label
+    supervision = {dataset.manifest.cases[c].supervision for c in dataset.training_cases}
+    assert supervision == {"sparse", "unlabelled"}
+
+
+def test_test_cases_pinned_by_list(own_data, nnunet_folders, tmp_path):
+    (tmp_path / "test.list").write_text(f"{CASES[1]}\n{CASES[4]}\n", encoding="utf-8")
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601",
+                      "--test_list", str(tmp_path / "test.list"))) == 0
+    assert sorted(load_raw_dataset(501).test_cases()) == sorted(load_raw_dataset(601).test_cases()) == [CASES[1], CASES[4]]
