@@ -118,8 +118,24 @@ def _cmd_demo(args) -> None:
     run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_training_arguments(parser, folds_help: str) -> None:
+    """What ``compare`` and ``tune`` train with: budget, configuration, folds, plans, device, retraining."""
     from nnunet_weak.budget import BUDGET_ENV, DEFAULT_BUDGET, NAMED_BUDGETS
+    parser.add_argument("--budget", default=os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET,
+                        help=f"training budget: {', '.join(NAMED_BUDGETS)} or <epochs>x<iterations> (default: "
+                             f"$NNUNET_WEAK_BUDGET if set, else nnunet, nnU-Net's 1000x250: what nnUNetv2_train "
+                             f"would run)")
+    parser.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
+    parser.add_argument("-f", dest="folds", nargs="+", default=["0"], help=folds_help)
+    parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train again even if a finished run exists (required when its budget, seed or options "
+                             "differ)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunet_weak.budget import NAMED_BUDGETS
     from nnunet_weak.supervision_choice import add_supervision_arguments
     budgets = f"{', '.join(NAMED_BUDGETS)} or <epochs>x<iterations>"
     parser = argparse.ArgumentParser(
@@ -298,18 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", nargs="+", default=["nnUNetWeakTrainer"],
                    help="trainers to train on the sparse dataset (default: nnUNetWeakTrainer, the partial-loss "
                         "baseline)")
-    p.add_argument("--budget", default=os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET,
-                   help=f"training budget: {budgets} (default: $NNUNET_WEAK_BUDGET if set, else nnunet, nnU-Net's "
-                        f"1000x250: what nnUNetv2_train would run)")
-    p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
-    p.add_argument("-f", dest="folds", nargs="+", default=["0"],
-                   help="fold(s) to train; several are ensembled for the test prediction (default: 0)")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    _add_training_arguments(p, "fold(s) to train; several are ensembled for the test prediction (default: 0)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense upper bound")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--disable_tta", action="store_true", help="predict without mirroring")
-    p.add_argument("--retrain", action="store_true",
-                   help="train again even if a finished run exists (required when its budget differs)")
     p.add_argument("--seeds", type=int, default=0,
                    help="train every run N times with NNUNET_WEAK_SEED 0..N-1, each seed under "
                         "$nnUNet_results/nnunet_weak_seeds/seed_K, and report mean ± sd over seeds (default 0: "
@@ -330,14 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                    help="option values to try, e.g. --grid lambda_crf=0.05,0.1,0.2 crf_rampup=0,0.5 (every "
                         "combination is trained)")
-    p.add_argument("--budget", default=os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET,
-                   help=f"training budget: {budgets} (default: $NNUNET_WEAK_BUDGET if set, else nnunet, nnU-Net's "
-                        f"1000x250: what nnUNetv2_train would run)")
-    p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default: 2d)")
-    p.add_argument("-f", dest="folds", nargs="+", default=["0"], help="fold(s) to train and validate (default: 0)")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")
+    _add_training_arguments(p, "fold(s) to train and validate (default: 0)")
     p.add_argument("--seeds", type=int, default=3,
                    help="seeds per combination, NNUNET_WEAK_SEED 0..N-1, the layout of compare --seeds (default 3)")
     p.add_argument("-o", dest="output", default=None,
