@@ -205,9 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scribbles", default=None, help="folder of patientXXX_frameYY_scribble.nii.gz (Valvano et al.)")
     q.add_argument("--id", "--scribble_id", dest="id", type=int, default=27, help="id of the scribble dataset (default 27)")
     q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
-    q.add_argument("--test_count", "--test_patients", dest="test_count", type=int, default=20,
-                   help="whole patients (both frames) held out for testing (default 20; at least 5 training "
-                        "patients must remain)")
+    q.add_argument("--test_count", "--test_patients", dest="test_count", type=int, default=None,
+                   help="whole patients (both frames) held out for testing, a seeded draw (default 20; at least 5 "
+                        "training patients must remain)")
+    q.add_argument("--test_list", default=None,
+                   help="file of the patients to hold out for testing (e.g. patient001), one per line, instead of "
+                        "--test_count")
     add_supervision_arguments(q)
     _add_output_arguments(q)
     q.set_defaults(func=partial(_cmd_convert, "acdc"))

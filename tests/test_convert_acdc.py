@@ -221,3 +221,17 @@ def test_real_acdc_h5_with_hand_drawn_scribbles(nnunet_folders):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     verify_dataset_integrity(str(sparse.folder), 2)
     verify_dataset_integrity(str(load_raw_dataset(127).folder), 2)
+
+
+def test_test_patients_pinned_by_list(official_layout, nnunet_folders, tmp_path, capsys):
+    root, _ = official_layout
+    (tmp_path / "test.list").write_text(f"{PATIENTS[0]}\n{PATIENTS[5]}\n", encoding="utf-8")
+    assert main(["convert", "acdc", "--official", str(root), "--test_list", str(tmp_path / "test.list")]) == 0
+    assert {c[:10] for c in load_raw_dataset(27).test_cases()} == {PATIENTS[0], PATIENTS[5]}
+    assert main(["convert", "acdc", "--official", str(root), "--test_list", str(tmp_path / "test.list"),
+                 "--test_count", "2", "--overwrite"]) == 2
+    assert "one way" in capsys.readouterr().err
+    (tmp_path / "unknown.list").write_text("patient999\n", encoding="utf-8")
+    assert main(["convert", "acdc", "--official", str(root), "--test_list", str(tmp_path / "unknown.list"),
+                 "--overwrite"]) == 2
+    assert "patient999" in capsys.readouterr().err
