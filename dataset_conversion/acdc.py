@@ -22,14 +22,13 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import check_same_grid, integer_labels, read_volume
-from nnunet_weak.dataset_conversion.twins import LoadedCase, hold_out, output_roots, read_case_list, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, held_out, output_roots, write_twins
 from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
@@ -198,8 +197,8 @@ def patient_grouped_splits(cases: list[str], seed: int = 12345, n_folds: int = 5
 
 def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Path,
                  choice: SupervisionChoice = SupervisionChoice(), scribble_id: int = 27, dense_id: int = 127,
-                 num_test_patients: int = TEST_PATIENTS, overwrite: bool = False,
-                 num_processes: int = 1, test_list: Sequence[str] | None = None) -> tuple[Path, Path]:
+                 num_test_patients: int | None = None, overwrite: bool = False,
+                 num_processes: int = 1, test_list: str | None = None) -> tuple[Path, Path]:
     """Write the ACDC dataset with the chosen supervision and its dense twin; return their raw folders.
 
     Args:
@@ -207,24 +206,16 @@ def convert_acdc(frames: list[AcdcFrame], raw_root: Path, preprocessed_root: Pat
         raw_root, preprocessed_root: nnU-Net's folders (the splits go to the preprocessed one).
         choice: the supervision of the first dataset (default: scribbles, hand-drawn when given).
         scribble_id, dense_id: dataset ids.
-        num_test_patients: whole patients (chosen with ``choice.seed``) held out in ``imagesTs``/``labelsTs``.
-        test_list: the patients to hold out instead (e.g. ``patient001``), pinned rather than drawn.
+        num_test_patients: whole patients (chosen with ``choice.seed``) held out in ``imagesTs``/``labelsTs``
+            (default ``TEST_PATIENTS``).
+        test_list: a file of the patients to hold out instead (e.g. ``patient001``), pinned rather than drawn.
     """
     cases = [f.case for f in frames]
     duplicates = sorted({c for c in cases if cases.count(c) > 1})
     if duplicates:
         raise UserInputError(f"Duplicate case ids: {duplicates[:3]}.")
-    patients = {f.patient for f in frames}
-    if test_list is None:
-        _, test_patients = hold_out(patients, num_test_patients, choice.seed, "--test_count")
-    else:
-        unknown = sorted(set(test_list) - patients)
-        if unknown:
-            raise UserInputError(f"The test list names patient(s) {unknown[:3]} that have no frame here.")
-        if len(patients) - len(set(test_list)) < 5:
-            raise UserInputError(f"The test list leaves {len(patients) - len(set(test_list))} training patients; "
-                                 f"nnU-Net's folds need 5.")
-        test_patients = sorted(set(test_list))
+    _, test_patients = held_out(sorted({f.patient for f in frames}), num_test_patients, TEST_PATIENTS, test_list,
+                                choice.seed)
     train_frames = [f for f in frames if f.patient not in test_patients]
     test_frames = [f for f in frames if f.patient in test_patients]
     folders = write_twins(
@@ -266,9 +257,5 @@ def convert_from_args(args) -> tuple[Path, Path]:
                          if p.name[: -len("_scribble.nii.gz")] not in known)
         if orphans:
             raise UserInputError(f"Scribble file(s) without an image: {orphans[:3]} in {scribbles}.")
-    if args.test_list is not None and args.test_count is not None:
-        raise UserInputError("Choose the test patients one way: --test_count (a seeded draw) or --test_list.")
-    test_list = read_case_list(Path(args.test_list)) if args.test_list is not None else None
-    return convert_acdc(frames, raw, preprocessed, choice_from_args(args), args.id, args.dense_id,
-                        TEST_PATIENTS if args.test_count is None else args.test_count, args.overwrite, args.np,
-                        test_list)
+    return convert_acdc(frames, raw, preprocessed, choice_from_args(args), args.id, args.dense_id, args.test_count,
+                        args.overwrite, args.np, args.test_list)

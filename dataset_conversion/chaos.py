@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_weak.dataset_conversion.twins import LoadedCase, output_roots, hold_out, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, held_out, output_roots, write_twins
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import Geometry, check_same_grid, integer_labels, read_volume
 from nnunet_weak.supervision_choice import choice_from_args
 
 CHAOS_LABELS = {"background": 0, "liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
+TEST_SUBJECTS = 4  # held out unless --test_count or --test_list says otherwise
 PNG_VALUES = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}
 
 
@@ -135,7 +136,7 @@ def convert_from_args(args) -> tuple[Path, Path]:
     raw, preprocessed = output_roots(args)
     loaders, channels = find_subjects(args)
     choice = choice_from_args(args)
-    train, test = hold_out(loaders, args.test_count, choice.seed, "--test_count")
+    train, test = held_out(sorted(loaders), args.test_count, TEST_SUBJECTS, args.test_list, choice.seed)
     return write_twins(
         raw, preprocessed, (f"Dataset{args.id:03d}_CHAOS", f"Dataset{args.dense_id:03d}_CHAOSDense"), channels,
         CHAOS_LABELS, choice, training={s: loaders[s] for s in train}, test={s: loaders[s] for s in test},

@@ -20,8 +20,8 @@ from typing import Mapping
 
 import numpy as np
 
-from nnunet_weak.dataset_conversion.twins import (LoadedCase, case_record, hold_out, output_roots, read_case_list,
-                                                 write_datasets, write_twins)
+from nnunet_weak.dataset_conversion.twins import (LoadedCase, case_record, held_out, output_roots, write_datasets,
+                                                 write_twins)
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, integer_labels, read_volume, write_raw_dataset
 from nnunet_weak.supervision_choice import choice_from_args
@@ -110,7 +110,7 @@ def convert_from_args(args) -> list[Path]:
         raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
     if folders["labels"] is None and folders["scribbles"] is None:
         raise UserInputError("Give dense labels (--labels), scribbles (--scribbles) or both.")
-    if folders["labels"] is None and (args.test_count or args.test_list or args.dense_id is not None):
+    if folders["labels"] is None and (args.test_count is not None or args.test_list or args.dense_id is not None):
         raise UserInputError("--test_count, --test_list and --dense_id need --labels: test cases drawn from --images "
                              "are scored on their dense labels, and the dense twin is made of them. Held-out test "
                              "cases of a scribble-only dataset go in --test_images and --test_labels.")
@@ -119,8 +119,7 @@ def convert_from_args(args) -> list[Path]:
     if (folders["test_images"] is None) != (folders["test_labels"] is None):
         raise UserInputError("--test_images and --test_labels go together: held-out test cases are scored on dense "
                              "labels.")
-    held_out_ways = [bool(args.test_count), args.test_list is not None, folders["test_images"] is not None]
-    if sum(held_out_ways) > 1:
+    if folders["test_images"] is not None and (args.test_count is not None or args.test_list is not None):
         raise UserInputError("Choose the held-out test cases one way: --test_count, --test_list or --test_images.")
     images = find_images(folders["images"], ending)
     test_images = find_images(folders["test_images"], ending) if folders["test_images"] is not None else {}
@@ -162,17 +161,7 @@ def convert_from_args(args) -> list[Path]:
     name = f"Dataset{args.id:03d}_{args.name}"
     if folders["labels"] is not None:
         choice = choice_from_args(args)
-        if args.test_list is not None:
-            listed = read_case_list(Path(args.test_list))
-            unknown = sorted(set(listed) - set(images))
-            if unknown:
-                raise UserInputError(f"{args.test_list} names case(s) not in --images: {unknown[:3]}.")
-            train = [c for c in sorted(images) if c not in set(listed)]
-            test = sorted(set(listed))
-            if len(train) < 5:
-                raise UserInputError(f"{args.test_list} leaves {len(train)} training cases; nnU-Net's folds need 5.")
-        else:
-            train, test = hold_out(images, args.test_count, choice.seed, "--test_count")
+        train, test = held_out(sorted(images), args.test_count, 0, args.test_list, choice.seed)
         test_loaders.update({c: loaders[c] for c in test})
         return list(write_twins(raw, preprocessed, (name, f"Dataset{args.dense_id:03d}_{args.name}Dense"),
                                 channel_names, classes, choice, {c: loaders[c] for c in train}, test_loaders,

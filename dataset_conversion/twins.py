@@ -59,6 +59,25 @@ def hold_out(units: Sequence[str], count: int, seed: int, option: str) -> tuple[
     return [u for u in units if u not in test], sorted(test)
 
 
+def held_out(units: Sequence[str], count: int | None, default_count: int, test_list: str | None,
+             seed: int) -> tuple[list[str], list[str]]:
+    """Training and test units: the ids of a file (``--test_list``, pinned) or a seeded draw of ``count``
+    (``--test_count``, ``default_count`` when not given), never both; 5 training units must remain."""
+    if test_list is None:
+        return hold_out(units, default_count if count is None else count, seed, "--test_count")
+    if count is not None:
+        raise UserInputError("Choose the held-out test cases one way: --test_count (a seeded draw) or --test_list.")
+    listed = set(read_case_list(Path(test_list)))
+    unknown = sorted(listed - set(units))
+    if unknown:
+        raise UserInputError(f"{test_list} names {unknown[:3]}, which are not among the {len(units)} found here "
+                             f"(e.g. {sorted(units)[:2]}).")
+    train = sorted(u for u in units if u not in listed)
+    if len(train) < 5:
+        raise UserInputError(f"{test_list} leaves {len(train)} training units; nnU-Net's folds need 5.")
+    return train, sorted(listed)
+
+
 def case_record(load: Callable[[], LoadedCase], case: str, choice: SupervisionChoice | None,
                 keeps_dense_label: bool, ignore_label: int) -> CaseRecord:
     """The record of one case: dense when ``choice`` is ``None`` (test cases, the dense twin)."""

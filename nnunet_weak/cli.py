@@ -239,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nifti", default=None, help="folder of image_<id>.nii.gz + label_<id>.nii.gz")
     q.add_argument("--modality", choices=["T2SPIR", "T1DUAL"], default=None,
                    help="official layout: which sequence (default T2SPIR; T1DUAL gives in- and out-phase channels)")
-    q.add_argument("--test_count", "--test_subjects", dest="test_count", type=int, default=4,
-                   help="subjects held out for testing (default 4; at least 5 training subjects must remain)")
+    q.add_argument("--test_count", "--test_subjects", dest="test_count", type=int, default=None,
+                   help="subjects held out for testing, a seeded draw (default 4; at least 5 training subjects must "
+                        "remain)")
+    q.add_argument("--test_list", default=None,
+                   help="file of the subjects to hold out for testing (case ids as chaos_<ID>), one per line, instead "
+                        "of --test_count")
     q.add_argument("--id", type=int, default=38, help="id of the weakly labelled dataset (default 38)")
     q.add_argument("--dense_id", type=int, default=138, help="id of the dense twin (default 138)")
     _add_output_arguments(q)
@@ -262,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", required=True, help="dataset name (DatasetXXX_<name>)")
     q.add_argument("--id", type=int, required=True, help="dataset id")
     q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
-    q.add_argument("--test_count", "--test_cases", dest="test_count", type=int, default=0,
-                   help="cases held out for testing, with --labels (default 0; at least 5 training cases must remain)")
+    q.add_argument("--test_count", "--test_cases", dest="test_count", type=int, default=None,
+                   help="cases held out for testing, with --labels, a seeded draw (default 0; at least 5 training "
+                        "cases must remain)")
     q.add_argument("--test_list", default=None,
                    help="with --labels: file of the case ids to hold out for testing, one per line")
     q.add_argument("--test_images", default=None,

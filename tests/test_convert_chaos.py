@@ -147,3 +147,13 @@ def test_real_chaos_nifti(nnunet_folders):
     assert len(weak.training_cases) == 10 and len(weak.test_cases()) == 4
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     verify_dataset_integrity(str(weak.folder), 2)
+
+
+def test_test_subjects_pinned_by_list(official_layout, nnunet_folders, tmp_path, capsys):
+    subjects = sorted(p.name for p in official_layout.iterdir() if p.is_dir())
+    (tmp_path / "test.list").write_text(f"chaos_{subjects[0]}\n", encoding="utf-8")
+    assert main(["convert", "chaos", "--official", str(official_layout), "--test_list", str(tmp_path / "test.list")]) == 0
+    assert sorted(load_raw_dataset(38).test_cases()) == [f"chaos_{subjects[0]}"]
+    assert main(["convert", "chaos", "--official", str(official_layout), "--test_list", str(tmp_path / "test.list"),
+                 "--test_count", "1", "--overwrite"]) == 2
+    assert "one way" in capsys.readouterr().err
