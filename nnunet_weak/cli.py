@@ -46,6 +46,16 @@ def _add_output_arguments(parser) -> None:
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
 
 
+def _add_held_out_arguments(parser, old_name: str, unit: str, default: int, example: str) -> None:
+    """Every converter's two ways to hold out test units: a seeded draw of a count, or a pinned list."""
+    parser.add_argument("--test_count", old_name, dest="test_count", type=int, default=None,
+                        help=f"{unit} held out for testing, a seeded draw (default {default}; at least 5 must remain "
+                             f"for training)")
+    parser.add_argument("--test_list", default=None,
+                        help=f"file of the {unit.split(' (')[0]} to hold out for testing ({example}), one per line, "
+                             f"instead of --test_count")
+
+
 def _cmd_evaluate(args) -> None:
     from pathlib import Path
     from nnunet_weak.evaluation import reference_labels, score_cases
@@ -205,12 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scribbles", default=None, help="folder of patientXXX_frameYY_scribble.nii.gz (Valvano et al.)")
     q.add_argument("--id", "--scribble_id", dest="id", type=int, default=27, help="id of the scribble dataset (default 27)")
     q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
-    q.add_argument("--test_count", "--test_patients", dest="test_count", type=int, default=None,
-                   help="whole patients (both frames) held out for testing, a seeded draw (default 20; at least 5 "
-                        "training patients must remain)")
-    q.add_argument("--test_list", default=None,
-                   help="file of the patients to hold out for testing (e.g. patient001), one per line, instead of "
-                        "--test_count")
+    _add_held_out_arguments(q, "--test_patients", "whole patients (both frames)", 20, "patient001")
     add_supervision_arguments(q)
     _add_output_arguments(q)
     q.set_defaults(func=partial(_cmd_convert, "acdc"))
@@ -239,12 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nifti", default=None, help="folder of image_<id>.nii.gz + label_<id>.nii.gz")
     q.add_argument("--modality", choices=["T2SPIR", "T1DUAL"], default=None,
                    help="official layout: which sequence (default T2SPIR; T1DUAL gives in- and out-phase channels)")
-    q.add_argument("--test_count", "--test_subjects", dest="test_count", type=int, default=None,
-                   help="subjects held out for testing, a seeded draw (default 4; at least 5 training subjects must "
-                        "remain)")
-    q.add_argument("--test_list", default=None,
-                   help="file of the subjects to hold out for testing (case ids as chaos_<ID>), one per line, instead "
-                        "of --test_count")
+    _add_held_out_arguments(q, "--test_subjects", "subjects", 4, "chaos_<ID>")
     q.add_argument("--id", type=int, default=38, help="id of the weakly labelled dataset (default 38)")
     q.add_argument("--dense_id", type=int, default=138, help="id of the dense twin (default 138)")
     _add_output_arguments(q)
@@ -266,11 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", required=True, help="dataset name (DatasetXXX_<name>)")
     q.add_argument("--id", type=int, required=True, help="dataset id")
     q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
-    q.add_argument("--test_count", "--test_cases", dest="test_count", type=int, default=None,
-                   help="cases held out for testing, with --labels, a seeded draw (default 0; at least 5 training "
-                        "cases must remain)")
-    q.add_argument("--test_list", default=None,
-                   help="with --labels: file of the case ids to hold out for testing, one per line")
+    _add_held_out_arguments(q, "--test_cases", "cases (with --labels)", 0, "your case ids")
     q.add_argument("--test_images", default=None,
                    help="folder of held-out test images, named like --images (e.g. a release whose training scans "
                         "have scribbles only and whose test scans are labelled densely)")
