@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import check_same_grid, integer_labels, read_volume
-from nnunet_weak.dataset_conversion.twins import LoadedCase, held_out, output_roots, write_twins
+from nnunet_weak.dataset_conversion.twins import LoadedCase, held_out, output_roots, write_test_only, write_twins
 from nnunet_weak.supervision_choice import SupervisionChoice, choice_from_args
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
@@ -257,5 +257,11 @@ def convert_from_args(args) -> tuple[Path, Path]:
                          if p.name[: -len("_scribble.nii.gz")] not in known)
         if orphans:
             raise UserInputError(f"Scribble file(s) without an image: {orphans[:3]} in {scribbles}.")
+    if args.test_only:
+        if args.test_count is not None or args.test_list is not None:
+            raise UserInputError("--test_only holds out every patient; --test_count and --test_list do not apply.")
+        return write_test_only(raw, preprocessed, f"Dataset{args.id:03d}_ACDCTest", {"0": "cineMRI"}, ACDC_LABELS,
+                               {f.case: partial(load_frame, f) for f in frames}, args.overwrite, args.np,
+                               extra_json={"description": "ACDC (Bernard et al., IEEE TMI 2018), held-out cases only"})
     return convert_acdc(frames, raw, preprocessed, choice_from_args(args), args.id, args.dense_id, args.test_count,
                         args.overwrite, args.np, args.test_list)

@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from nnunet_weak.dataset_conversion.twins import (LoadedCase, case_record, held_out, output_roots, write_datasets,
-                                                 write_twins)
+                                                 write_test_only, write_twins)
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.raw_dataset import CaseRecord, check_same_grid, integer_labels, read_volume, write_raw_dataset
 from nnunet_weak.supervision_choice import choice_from_args
@@ -106,8 +106,9 @@ def convert_from_args(args) -> list[Path]:
         if value is not None and not Path(value).is_dir():
             raise UserInputError(f"--{name} folder {value} does not exist.")
         folders[name] = Path(value) if value is not None else None
-    if folders["labels"] is not None and args.dense_id is None:
-        raise UserInputError("With --labels a dense twin is written too: give its id with --dense_id.")
+    if folders["labels"] is not None and (args.dense_id is None) != args.test_only:
+        raise UserInputError("--test_only writes one dataset: leave --dense_id out." if args.test_only else
+                             "With --labels a dense twin is written too: give its id with --dense_id.")
     if folders["labels"] is None and folders["scribbles"] is None:
         raise UserInputError("Give dense labels (--labels), scribbles (--scribbles) or both.")
     if folders["labels"] is None and (args.test_count is not None or args.test_list or args.dense_id is not None):
@@ -159,6 +160,13 @@ def convert_from_args(args) -> list[Path]:
     test_loaders = {c: partial(load_own_case, test_images[c], test_labels[c], None, num_classes, scribble_ignore)
                     for c in test_images}
     name = f"Dataset{args.id:03d}_{args.name}"
+    if args.test_only:
+        if folders["labels"] is None or folders["scribbles"] is not None or test_images or \
+                args.test_count is not None or args.test_list is not None:
+            raise UserInputError("--test_only writes every case of --images with its dense label from --labels as a "
+                                 "held-out test case; --scribbles, --test_images, --test_count and --test_list do "
+                                 "not apply.")
+        return list(write_test_only(raw, preprocessed, name, channel_names, classes, loaders, args.overwrite, args.np))
     if folders["labels"] is not None:
         choice = choice_from_args(args)
         train, test = held_out(sorted(images), args.test_count, 0, args.test_list, choice.seed)

@@ -168,6 +168,20 @@ def write_datasets(raw_root: Path, preprocessed_root: Path, names: tuple[str, ..
     return tuple(raw_root / name for name in names)
 
 
+def write_test_only(raw_root: Path, preprocessed_root: Path, name: str, channel_names: Mapping[str, str],
+                    classes: Mapping[str, int], test: Mapping[str, Callable[[], LoadedCase]], overwrite: bool = False,
+                    num_processes: int = 1, extra_json: Mapping | None = None) -> tuple[Path, ...]:
+    """Write a dataset of held-out cases only (``imagesTs``/``labelsTs``, dense; no training cases, no twin, no
+    splits), for prediction and scoring: e.g. a release's separate test set."""
+    def write(root: Path, dataset: str) -> Path:
+        return write_raw_dataset(root, dataset, channel_names, classes, training=[],
+                                 test=[partial(case_record, load, case, None, False, 0) for case, load in sorted(test.items())],
+                                 num_processes=num_processes,
+                                 extra_json={**(extra_json or {}), "supervision": {"mode": "test only"}})
+
+    return write_datasets(raw_root, preprocessed_root, (name,), write, overwrite=overwrite)
+
+
 def write_twins(raw_root: Path, preprocessed_root: Path, names: tuple[str, str], channel_names: Mapping[str, str],
                 classes: Mapping[str, int], choice: SupervisionChoice,
                 training: Mapping[str, Callable[[], LoadedCase]], test: Mapping[str, Callable[[], LoadedCase]],

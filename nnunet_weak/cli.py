@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id", "--scribble_id", dest="id", type=int, default=27, help="id of the scribble dataset (default 27)")
     q.add_argument("--dense_id", type=int, default=127, help="id of the dense twin (default 127)")
     _add_held_out_arguments(q, "--test_patients", "whole patients (both frames)", 20, "patient001")
+    q.add_argument("--test_only", action="store_true",
+                   help="every patient is a held-out test case (e.g. the official release's testing folder): one "
+                        "dataset DatasetID_ACDCTest for prediction and scoring, no training cases, no twin")
     add_supervision_arguments(q)
     _add_output_arguments(q)
     q.set_defaults(func=partial(_cmd_convert, "acdc"))
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id", type=int, required=True, help="dataset id")
     q.add_argument("--dense_id", type=int, default=None, help="id of the dense twin (with --labels)")
     _add_held_out_arguments(q, "--test_cases", "cases (with --labels)", 0, "your case ids")
+    q.add_argument("--test_only", action="store_true",
+                   help="every case of --images, with its --labels, is a held-out test case: one dataset for "
+                        "prediction and scoring, no training cases, no twin")
     q.add_argument("--test_images", default=None,
                    help="folder of held-out test images, named like --images (e.g. a release whose training scans "
                         "have scribbles only and whose test scans are labelled densely)")

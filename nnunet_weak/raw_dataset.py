@@ -168,11 +168,14 @@ def load_raw_dataset(dataset: int | str | os.PathLike) -> RawDataset:
     check_labels(dataset_json["labels"], str(json_file))
 
     labels_tr = folder / "labelsTr"
-    if not labels_tr.is_dir():
-        raise UserInputError(f"{folder} has no labelsTr folder.")
     ending = dataset_json["file_ending"]
-    training_cases = sorted(f.name[: -len(ending)] for f in labels_tr.iterdir() if f.name.endswith(ending))
-    if not training_cases:
+    # a test-only dataset (numTraining 0: cases for prediction and scoring, e.g. a release's test set)
+    test_only = dataset_json.get("numTraining") == 0 and (folder / "imagesTs").is_dir()
+    if not labels_tr.is_dir() and not test_only:
+        raise UserInputError(f"{folder} has no labelsTr folder.")
+    training_cases = sorted(f.name[: -len(ending)] for f in labels_tr.iterdir() if f.name.endswith(ending)) \
+        if labels_tr.is_dir() else []
+    if not training_cases and not test_only:
         raise UserInputError(f"{labels_tr} holds no '*{ending}' label files.")
     manifest = read_manifest(folder)
     dataset = RawDataset(folder, dataset_json, training_cases, manifest)
@@ -382,8 +385,8 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_name: str, channel_na
             seen.add(identifier)
             if entry is not None:
                 entries[identifier] = entry
-        if not entries:
-            raise UserInputError(f"{dataset_name}: no training cases to write.")
+        if not results:
+            raise UserInputError(f"{dataset_name}: no cases to write.")
         dataset_json = {
             "channel_names": dict(channel_names),
             "labels": dict(labels),
@@ -392,9 +395,10 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_name: str, channel_na
             **(extra_json or {}),
         }
         write_json_atomic(dataset_json, stage / "dataset.json")
-        manifest = SupervisionManifest(entries)
-        validate_manifest(manifest, stage, sorted(entries), "ignore" in labels)
-        manifest.save(stage)
+        if entries:  # a test-only dataset has no training case to describe
+            manifest = SupervisionManifest(entries)
+            validate_manifest(manifest, stage, sorted(entries), "ignore" in labels)
+            manifest.save(stage)
     return final
 
 

@@ -235,3 +235,17 @@ def test_test_patients_pinned_by_list(official_layout, nnunet_folders, tmp_path,
     assert main(["convert", "acdc", "--official", str(root), "--test_list", str(tmp_path / "unknown.list"),
                  "--overwrite"]) == 2
     assert "patient999" in capsys.readouterr().err
+
+
+def test_a_release_test_folder_converts_as_test_only(official_layout, nnunet_folders, capsys):
+    root, _ = official_layout
+    assert main(["convert", "acdc", "--official", str(root), "--test_only", "--id", "527"]) == 0
+    dataset = load_raw_dataset(527)
+    assert dataset.name == "Dataset527_ACDCTest" and dataset.training_cases == []
+    assert {c[:10] for c in dataset.test_cases()} == set(PATIENTS)
+    assert all(label is not None for _, label in dataset.test_cases().values())
+    assert main(["convert", "acdc", "--official", str(root), "--test_only", "--id", "528", "--test_count", "2"]) == 2
+    assert "do not apply" in capsys.readouterr().err
+    assert main(["convert", "acdc", "--official", str(root), "--test_only"]) == 0  # id 27 is free here
+    assert main(["convert", "acdc", "--official", str(root), "--test_patients", "2"]) == 2
+    assert "Id 027 is taken by Dataset027_ACDCTest" in capsys.readouterr().err

@@ -108,3 +108,21 @@ def test_test_cases_pinned_by_list(own_data, nnunet_folders, tmp_path):
     assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601",
                       "--test_list", str(tmp_path / "test.list"))) == 0
     assert sorted(load_raw_dataset(501).test_cases()) == sorted(load_raw_dataset(601).test_cases()) == [CASES[1], CASES[4]]
+
+
+def test_a_test_only_dataset_for_prediction_and_scoring(own_data, nnunet_folders, tmp_path, capsys):
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--test_only", "--id", "777")) == 0
+    dataset = load_raw_dataset(777)
+    assert dataset.training_cases == [] and sorted(dataset.test_cases()) == CASES
+    assert dataset.dataset_json["numTraining"] == 0
+    assert not (nnunet_folders["nnUNet_preprocessed"] / dataset.name).exists()
+    # its test cases are scored like any others
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    for case in CASES:
+        (predictions / f"{case}.nii.gz").write_bytes((dataset.folder / "labelsTs" / f"{case}.nii.gz").read_bytes())
+    assert main(["evaluate", "-d", "777", "-i", str(predictions)]) == 0
+    assert "Dice 1.0000" in capsys.readouterr().out
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--test_only", "--id", "778",
+                      "--dense_id", "779")) == 2
+    assert "leave --dense_id out" in capsys.readouterr().err
