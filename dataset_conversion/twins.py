@@ -87,9 +87,14 @@ def case_record(load: Callable[[], LoadedCase], case: str, choice: SupervisionCh
                           geometry=loaded.geometry)
     label, supervision, weak_label, provenance = choice.make_label(case, loaded.dense, ignore_label,
                                                                   keeps_dense_label, loaded.real_weak)
+    weak_label_map = None
+    if choice.mode == "mixed" and keeps_dense_label:
+        # a method trained on both kinds (ConfKD) needs the strong case's weak label too, made like the others
+        weak_label_map, weak_provenance = choice.weak_label_of(case, loaded.dense, ignore_label, loaded.real_weak)
+        weak_label, provenance = choice.weak_label, {**provenance, "weak_label": weak_provenance}
     return CaseRecord(case, list(loaded.channels), loaded.spacing, label, dense_label=loaded.dense,
                       supervision=supervision, weak_label=weak_label, provenance=provenance,
-                      geometry=loaded.geometry)
+                      geometry=loaded.geometry, weak_label_map=weak_label_map)
 
 
 def output_roots(args) -> tuple[Path, Path]:

@@ -328,6 +328,8 @@ class CaseRecord:
         weak_label: what kind of weak label ``label`` is, for sparse cases.
         provenance: how the label was made (JSON-serialisable), stored in the manifest.
         geometry: origin and orientation of the source, kept in the written files.
+        weak_label_map: for a dense case of a mixed dataset, its weak label of kind ``weak_label``, written to
+            ``labelsTr_weak`` and named in the manifest (``None`` otherwise).
     """
 
     identifier: str
@@ -339,6 +341,7 @@ class CaseRecord:
     weak_label: str | None = None
     provenance: Mapping = field(default_factory=dict)
     geometry: Geometry | None = None
+    weak_label_map: np.ndarray | None = None
 
 
 CaseSource = Union[CaseRecord, Callable[[], CaseRecord]]
@@ -446,7 +449,19 @@ def _write_case(stage: Path, split: str, source: CaseSource, ending: str,
         (stage / "labelsTr_dense").mkdir(exist_ok=True)
         dense_rel = f"labelsTr_dense/{case.identifier}{ending}"
         write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel, case.geometry)
-    return case.identifier, CaseSupervision(case.supervision, dense_rel, case.weak_label, dict(case.provenance))
+    weak_rel = None
+    if case.weak_label_map is not None:
+        if case.supervision != "dense":
+            raise UserInputError(f"Case '{case.identifier}': only a dense case carries a weak label beside its label.")
+        _check_label_values(case.weak_label_map, allowed, f"weak label of case '{case.identifier}'")
+        if case.weak_label_map.shape != case.label.shape:
+            raise UserInputError(f"Case '{case.identifier}': weak label shape {case.weak_label_map.shape} differs "
+                                 f"from label shape {case.label.shape}.")
+        (stage / "labelsTr_weak").mkdir(exist_ok=True)
+        weak_rel = f"labelsTr_weak/{case.identifier}{ending}"
+        write_volume(case.weak_label_map.astype(np.uint8), case.spacing, stage / weak_rel, case.geometry)
+    return case.identifier, CaseSupervision(case.supervision, dense_rel, case.weak_label, dict(case.provenance),
+                                            weak_rel)
 
 
 def _check_label_values(label: np.ndarray, allowed: set[int], what: str) -> None:

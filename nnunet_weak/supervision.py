@@ -10,8 +10,10 @@ the only place the project learns whether a case's label map in ``labelsTr`` is
   reach a supervised loss.
 
 and where the case's dense label is when one exists for evaluation (a path relative to the raw
-dataset folder, or ``null``). Converters write it; trainers, samplers and the evaluation read it;
-nothing guesses supervision from label values.
+dataset folder, or ``null``). A dense case of a mixed dataset also names its weak label
+(``weak_label_file``, made like the sparse cases' ones), so that a method can train on both.
+Converters write the manifest; trainers, samplers and the evaluation read it; nothing guesses
+supervision from label values.
 
 Example::
 
@@ -53,12 +55,15 @@ class CaseSupervision:
         weak_label: for sparse cases, what kind of weak label (``"scribble"``, ``"erosion"``, ...).
         provenance: free-form, JSON-serialisable record of how the label was made (generator,
             seed, parameters), so that a dataset can be reproduced.
+        weak_label_file: for a dense case of a mixed dataset, its weak label of kind ``weak_label``
+            (path relative to the raw dataset folder, e.g. ``labelsTr_weak/case.nii.gz``), or ``None``.
     """
 
     supervision: str
     dense_label: str | None = None
     weak_label: str | None = None
     provenance: Mapping = field(default_factory=dict)
+    weak_label_file: str | None = None
 
     @property
     def is_labelled(self) -> bool:
@@ -86,6 +91,11 @@ class SupervisionManifest:
         entry = self.cases[case]
         return None if entry.dense_label is None else Path(raw_dataset_folder) / entry.dense_label
 
+    def weak_label_path(self, raw_dataset_folder: str | os.PathLike, case: str) -> Path | None:
+        """Absolute path of the weak label a dense case carries beside its dense one, or ``None``."""
+        entry = self.cases[case]
+        return None if entry.weak_label_file is None else Path(raw_dataset_folder) / entry.weak_label_file
+
     def to_json(self) -> dict:
         cases = {}
         for k in sorted(self.cases):
@@ -93,6 +103,8 @@ class SupervisionManifest:
             entry = {"supervision": c.supervision, "dense_label": c.dense_label}
             if c.weak_label is not None:
                 entry["weak_label"] = c.weak_label
+            if c.weak_label_file is not None:
+                entry["weak_label_file"] = c.weak_label_file
             if c.provenance:
                 entry["provenance"] = dict(c.provenance)
             cases[k] = entry
@@ -131,17 +143,21 @@ def manifest_from_json(data: dict, source: str = "manifest") -> SupervisionManif
         if not isinstance(entry, dict) or "supervision" not in entry:
             raise UserInputError(f"{where}: each case needs an object with a \"supervision\" key.")
         _check_kind(entry["supervision"], where)
-        dense = entry.get("dense_label")
-        if dense is not None and (not isinstance(dense, str) or os.path.isabs(dense)):
-            raise UserInputError(
-                f"{where}: \"dense_label\" must be a path relative to the dataset folder or null, "
-                f"got {dense!r}."
-            )
+        for key in ("dense_label", "weak_label_file"):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, str) or os.path.isabs(value)):
+                raise UserInputError(
+                    f"{where}: \"{key}\" must be a path relative to the dataset folder or null, got {value!r}."
+                )
+        if entry.get("weak_label_file") is not None and entry["supervision"] != "dense":
+            raise UserInputError(f"{where}: only a dense case names a \"weak_label_file\" (a sparse case's weak label "
+                                 f"is its labelsTr map).")
         cases[case] = CaseSupervision(
             supervision=entry["supervision"],
-            dense_label=dense,
+            dense_label=entry.get("dense_label"),
             weak_label=entry.get("weak_label"),
             provenance=entry.get("provenance", {}),
+            weak_label_file=entry.get("weak_label_file"),
         )
     return SupervisionManifest(cases)
 
@@ -193,12 +209,13 @@ def validate_manifest(manifest: SupervisionManifest, raw_dataset_folder: str | o
             f"entries or add the missing files."
         )
     for case in sorted(listed):
-        path = manifest.dense_label_path(folder, case)
-        if path is not None and not path.is_file():
-            raise UserInputError(
-                f"{folder / MANIFEST_FILENAME}, case '{case}': dense label {path} does not exist. "
-                f"Fix the path or set \"dense_label\" to null."
-            )
+        for what, path in (("dense label", manifest.dense_label_path(folder, case)),
+                           ("weak label", manifest.weak_label_path(folder, case))):
+            if path is not None and not path.is_file():
+                raise UserInputError(
+                    f"{folder / MANIFEST_FILENAME}, case '{case}': {what} {path} does not exist. "
+                    f"Fix the path or set it to null."
+                )
     weak = [k for k, c in manifest.cases.items() if c.supervision != "dense"]
     if weak and not has_ignore_label:
         raise UserInputError(

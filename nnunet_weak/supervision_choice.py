@@ -144,22 +144,25 @@ class SupervisionChoice:
         if self.mode == "semi":
             return (np.full(dense.shape, ignore_label, np.uint8), "unlabelled", None,
                     {"choice": "semi", "seed": self.seed})
+        weak, provenance = self.weak_label_of(case, dense, ignore_label, real_weak)
+        return weak, "sparse", self.weak_label, provenance
+
+    def weak_label_of(self, case: str, dense: np.ndarray, ignore_label: int,
+                      real_weak: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """The weak label of kind ``weak_label`` of one case (real scribbles where given) and its provenance:
+        what a sparse case carries in ``labelsTr``, and a dense case of a mixed dataset beside its dense label."""
         if self.weak_label == "scribble" and real_weak is not None and self.use_real_scribbles:
-            return real_weak.astype(np.uint8), "sparse", "scribble", {"source": "hand-drawn"}
+            return real_weak.astype(np.uint8), {"source": "hand-drawn"}
         seed = self.case_seed(case)
         if self.weak_label == "scribble":
-            weak = simulate_scribbles(dense, ignore_label, seed)
-            params = {"seed": seed}
-        elif self.weak_label == "erosion":
-            weak = eroded_labels(dense, ignore_label, self.erosion_iterations)
-            params = {"iterations": self.erosion_iterations}
-        elif self.weak_label == "box":
-            weak = bounding_box_labels(dense, ignore_label, self.box_margin)
-            params = {"margin": self.box_margin}
-        else:
-            weak = centroid_disc_labels(dense, ignore_label, self.disc_radius)
-            params = {"radius": self.disc_radius}
-        return weak, "sparse", self.weak_label, {"generator": self.weak_label, **params}
+            return simulate_scribbles(dense, ignore_label, seed), {"generator": "scribble", "seed": seed}
+        if self.weak_label == "erosion":
+            return (eroded_labels(dense, ignore_label, self.erosion_iterations),
+                    {"generator": "erosion", "iterations": self.erosion_iterations})
+        if self.weak_label == "box":
+            return bounding_box_labels(dense, ignore_label, self.box_margin), {"generator": "box", "margin": self.box_margin}
+        return (centroid_disc_labels(dense, ignore_label, self.disc_radius),
+                {"generator": "disc", "radius": self.disc_radius})
 
 
 def add_supervision_arguments(parser, default_mode: str = "weak") -> None:

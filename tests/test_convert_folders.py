@@ -126,3 +126,30 @@ def test_a_test_only_dataset_for_prediction_and_scoring(own_data, nnunet_folders
     assert main(_args(own_data, "--labels", str(own_data / "labels"), "--test_only", "--id", "778",
                       "--dense_id", "779")) == 2
     assert "leave --dense_id out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weak_label", ["erosion", "scribble"])
+def test_mixed_strong_cases_carry_their_weak_label_too(own_data, nnunet_folders, weak_label):
+    """ConfKD trains a student on every case's weak label: a strong case's is written beside its dense one,
+    made by the same generator and per-case seed as a weak case's would be."""
+    from nnunet_weak.supervision_choice import SupervisionChoice
+    assert main(_args(own_data, "--labels", str(own_data / "labels"), "--dense_id", "601", "--supervision", "mixed",
+                      "--weak_label", weak_label, "--labelled_count", "3", "--simulate_scribbles")) == 0
+    dataset = load_raw_dataset(501)
+    strong = dataset.manifest.cases_with("dense")
+    assert len(strong) == 3
+    choice = SupervisionChoice("weak", weak_label, seed=0)  # the same generator and per-case seed
+    for case in dataset.training_cases:
+        entry = dataset.manifest.cases[case]
+        dense = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset.dense_label_path(case))))
+        expected, _ = choice.weak_label_of(case, dense, dataset.ignore_label)
+        if case in strong:
+            assert entry.weak_label == weak_label and entry.weak_label_file == f"labelsTr_weak/{case}.nii.gz"
+            weak = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset.manifest.weak_label_path(dataset.folder, case))))
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset.folder / "labelsTr" / f"{case}.nii.gz")))
+            np.testing.assert_array_equal(label, dense)
+        else:
+            assert entry.weak_label_file is None
+            weak = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset.folder / "labelsTr" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(weak, expected)
+    assert not (load_raw_dataset(601).folder / "labelsTr_weak").exists()  # the dense twin has none

@@ -138,3 +138,17 @@ def test_budgets():
     for bad in ("fast", "0x10", "10x", "x5"):
         with pytest.raises(UserInputError, match="Unknown budget"):
             parse_budget(bad)
+
+
+def test_manifest_weak_label_file_only_for_dense_cases_and_on_disk(small_dataset):
+    base = {"format": "nnunet-weak supervision manifest", "version": 1}
+    sparse_with_file = {"c": {"supervision": "sparse", "dense_label": None, "weak_label_file": "labelsTr_weak/c.nii.gz"}}
+    with pytest.raises(UserInputError, match="only a dense case names"):
+        manifest_from_json({**base, "cases": sparse_with_file})
+    path = small_dataset / MANIFEST_FILENAME
+    content = json.loads(path.read_text(encoding="utf-8"))
+    case = next(c for c, e in content["cases"].items() if e["supervision"] == "dense")
+    content["cases"][case]["weak_label_file"] = f"labelsTr_weak/{case}.nii.gz"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(UserInputError, match="weak label .* does not exist"):
+        load_raw_dataset(small_dataset)
