@@ -1,0 +1,54 @@
+"""A second decoder on the encoder of an auto-planned nnU-Net network.
+
+ConfKD (Liu et al., MedIA 2023; ``../shared/METHODS.md`` §2) shares one encoder between two decoders:
+the planned decoder, trained on weak labels, is the student and the model ``nnUNetv2_predict``
+rebuilds; a second decoder of the same shape, trained on dense labels, is the teacher. nnU-Net's
+``UNetDecoder`` keeps its encoder as a submodule, so ``copy.deepcopy`` of the decoder copies the
+encoder too: a second encoder that no loss reaches (frozen in effect, and an unused-parameter error
+under DDP). :func:`second_decoder` copies the decoder with the encoder shared and not registered, and
+initialises the copy as nnU-Net initialises a new network, so that the two branches start apart.
+"""
+from __future__ import annotations
+
+from copy import deepcopy
+
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import nn
+
+from nnunet_weak.networks.decoder_stages import decoder_of
+from nnunet_weak.networks.encoder_stages import encoder_of, unwrap_network
+from nnunet_weak.networks.training_network import TrainingNetwork
+
+
+def second_decoder(network: nn.Module) -> nn.Module:
+    """A new decoder of the same architecture as ``network``'s, reading the same encoder's skips.
+
+    The encoder is referenced (the decoder's shape helpers use it) but not registered: its parameters
+    stay ``network``'s, counted, synchronised and checkpointed once. The copy's weights are drawn anew
+    (``InitWeights_He(1e-2)``, nnU-Net's initialisation).
+    """
+    decoder, encoder = decoder_of(network), encoder_of(network)
+    copy = deepcopy(decoder, memo={id(encoder): encoder})
+    del copy._modules["encoder"]
+    copy.__dict__["encoder"] = encoder
+    copy.apply(InitWeights_He(1e-2))
+    return copy
+
+
+class TwoDecoderNetwork(TrainingNetwork):
+    """The planned network (its encoder and decoder) and a second decoder on the same encoder.
+
+    ``training_forward(x)`` with ``x`` ``(B, C, *patch)`` returns ``(planned decoder output, second
+    decoder output)``, each as nnU-Net's decoder returns it (a list of logits ``(B, K, *scale)``, full
+    resolution first, with deep supervision; one ``(B, K, *patch)`` tensor without). In ``eval()`` the
+    module is the planned network alone.
+    """
+
+    def __init__(self, inference_network: nn.Module):
+        super().__init__(inference_network)
+        self.second_decoder = second_decoder(inference_network)
+
+    def training_forward(self, x):
+        planned = unwrap_network(self.inference_network)
+        skips = planned.encoder(x)
+        return planned.decoder(skips), self.second_decoder(skips)

@@ -1,0 +1,52 @@
+"""A second decoder on the planned network's encoder: shared encoder, own weights, one set of parameters."""
+import pytest
+import torch
+
+from conftest import small_unet
+from nnunet_weak.networks.second_decoder import TwoDecoderNetwork
+
+
+def decoder_parameters(network):
+    encoder = {id(p) for p in network.encoder.parameters()}
+    return [p for p in network.decoder.parameters() if id(p) not in encoder]
+
+
+@pytest.mark.parametrize("kind,dims", [("plain", 2), ("residual", 2), ("plain", 3), ("residual", 3)])
+def test_two_decoders_share_one_encoder(kind, dims):
+    torch.manual_seed(0)
+    planned = small_unet(kind, dims)
+    network = TwoDecoderNetwork(planned)
+    shape = (2, 1, 32, 32) if dims == 2 else (2, 1, 8, 32, 32)
+    x = torch.randn(shape)
+
+    # every parameter once: the planned network's and the second decoder's own, no second encoder
+    own = decoder_parameters(planned)
+    assert len(list(network.parameters())) == len(list(planned.parameters())) + len(own)
+    assert all("encoder" not in key for key in network.training_state_dict())
+    assert all(key.startswith("second_decoder.") for key in network.training_state_dict())
+    # drawn anew, not a copy of the planned decoder's weights
+    assert not any(torch.equal(a, b) for a, b in zip(own, network.second_decoder.parameters()) if a.dim() > 1)
+
+    network.train()
+    planned_out, second_out = network(x)
+    assert [o.shape for o in planned_out] == [o.shape for o in second_out]
+    torch.testing.assert_close(planned_out[0], planned(x)[0])
+
+    # the second decoder's loss trains the shared encoder and itself, not the planned decoder
+    network.zero_grad()
+    sum(o.square().mean() for o in second_out).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in planned.encoder.parameters() if p.dim() > 1)
+    assert all(p.grad is None for p in own)
+    assert all(p.grad is not None for p in network.second_decoder.parameters() if p.dim() > 1)
+
+    network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(network(x)[0], planned(x)[0])
+
+
+def test_deep_supervision_switch_reaches_both_decoders():
+    network = TwoDecoderNetwork(small_unet("plain", 2))
+    network.set_deep_supervision_enabled(False)
+    network.train()
+    planned_out, second_out = network(torch.randn(1, 1, 32, 32))
+    assert planned_out.shape == second_out.shape == (1, 3, 32, 32)
