@@ -442,26 +442,29 @@ def _write_case(stage: Path, split: str, source: CaseSource, ending: str,
                              f"an unlabelled case).")
     dense_rel = f"labelsTr/{case.identifier}{ending}" if case.supervision == "dense" else None
     if case.dense_label is not None:
-        _check_label_values(case.dense_label, dense_values, f"dense label of case '{case.identifier}'")
-        if case.dense_label.shape != case.label.shape:
-            raise UserInputError(f"Case '{case.identifier}': dense label shape {case.dense_label.shape} differs "
-                                 f"from label shape {case.label.shape}.")
-        (stage / "labelsTr_dense").mkdir(exist_ok=True)
-        dense_rel = f"labelsTr_dense/{case.identifier}{ending}"
-        write_volume(case.dense_label.astype(np.uint8), case.spacing, stage / dense_rel, case.geometry)
+        dense_rel = _write_extra_label(stage, "labelsTr_dense", case, case.dense_label, dense_values, "dense label",
+                                       ending)
     weak_rel = None
     if case.weak_label_map is not None:
         if case.supervision != "dense":
             raise UserInputError(f"Case '{case.identifier}': only a dense case carries a weak label beside its label.")
-        _check_label_values(case.weak_label_map, allowed, f"weak label of case '{case.identifier}'")
-        if case.weak_label_map.shape != case.label.shape:
-            raise UserInputError(f"Case '{case.identifier}': weak label shape {case.weak_label_map.shape} differs "
-                                 f"from label shape {case.label.shape}.")
-        (stage / "labelsTr_weak").mkdir(exist_ok=True)
-        weak_rel = f"labelsTr_weak/{case.identifier}{ending}"
-        write_volume(case.weak_label_map.astype(np.uint8), case.spacing, stage / weak_rel, case.geometry)
+        weak_rel = _write_extra_label(stage, "labelsTr_weak", case, case.weak_label_map, allowed, "weak label", ending)
     return case.identifier, CaseSupervision(case.supervision, dense_rel, case.weak_label, dict(case.provenance),
                                             weak_rel)
+
+
+def _write_extra_label(stage: Path, folder: str, case: CaseRecord, label: np.ndarray, allowed: set[int], what: str,
+                       ending: str) -> str:
+    """Write a training case's label map beside its ``labelsTr`` one (its dense or its weak label) after the
+    same checks; return its path relative to the dataset folder."""
+    _check_label_values(label, allowed, f"{what} of case '{case.identifier}'")
+    if label.shape != case.label.shape:
+        raise UserInputError(f"Case '{case.identifier}': {what} shape {label.shape} differs from label shape "
+                             f"{case.label.shape}.")
+    (stage / folder).mkdir(exist_ok=True)
+    relative = f"{folder}/{case.identifier}{ending}"
+    write_volume(label.astype(np.uint8), case.spacing, stage / relative, case.geometry)
+    return relative
 
 
 def _check_label_values(label: np.ndarray, allowed: set[int], what: str) -> None:
