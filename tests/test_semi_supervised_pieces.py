@@ -100,9 +100,24 @@ def test_oversampling_centres_labelled_samples_only_and_unlabelled_crops_are_uni
         batch = loader.generate_train_batch()
         assert all((batch["target"][i] == 1).any() for i in range(2))
     # unlabelled crops cover the whole image, not only where labelled cases have foreground
-    unlabelled = loader.unlabelled
+    unlabelled = loader.second
     origins = {tuple(unlabelled.get_bbox(np.array((1, 12, 12)), False, None)[0]) for _ in range(200)}
     assert len(origins) > 20 and unlabelled.oversample_foreground_percent == 0 and not unlabelled.has_ignore
+
+
+def test_a_second_annotated_stream_keeps_oversampling_and_names_the_mask():
+    """Mixed supervision: dense cases first, weakly labelled ones second, both centred on annotations."""
+    np.random.seed(0)
+    strong = nnUNetDataLoader(InMemoryCases([f"case_{i}" for i in range(3)], True), 1, (4, 4), (4, 4),
+                              _LabelManager(), oversample_foreground_percent=1.0)
+    weak = nnUNetDataLoader(InMemoryCases([f"case_{i}" for i in range(10, 16)], True), 2, (4, 4), (4, 4),
+                            _LabelManager(), oversample_foreground_percent=1.0)
+    loader = TwoStreamDataLoader(strong, weak, mask_name="strong", second_unannotated=False)
+    assert weak.oversample_foreground_percent == 1.0 and weak.has_ignore
+    for _ in range(20):
+        batch = loader.generate_train_batch()
+        assert batch["strong"].tolist() == [True, False, False] and "labelled" not in batch
+        assert all((batch["target"][i] == 1).any() for i in range(3))  # every sample centred on its annotation
 
 
 def test_ema_teacher_follows_the_explicit_average():

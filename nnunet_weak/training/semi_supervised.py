@@ -1,10 +1,14 @@
-"""The base of every semi-supervised trainer: nnU-Net with unlabelled cases in every batch.
+"""Trainers on two-stream batches: the base of every semi-supervised (and mixed-supervision) trainer.
+
+``TwoStreamTrainer`` trains on batches composed from two streams of training cases
+(``nnunet_weak.training.two_stream``): on every DDP rank, each batch holds a fixed number of the first
+stream's samples followed by the second stream's, all through nnU-Net's augmentation, and
+``compute_training_loss`` receives the ``(B,)`` mask named after the first stream. A subclass says
+which cases form each stream (``stream_keys``) and how many of the first a batch holds.
 
 ``SemiSupervisedTrainer`` keeps the cases that the supervision manifest marks ``unlabelled`` in the
-training keys and trains on two-stream batches (``nnunet_weak.training.two_stream``): on every DDP
-rank, each batch holds ``labelled_per_batch`` labelled samples (nnU-Net's foreground oversampling
-applies to them only) followed by unlabelled ones, all through nnU-Net's augmentation.
-``compute_training_loss`` receives ``labelled``, the ``(B,)`` mask saying which entries are which.
+training keys: ``labelled_per_batch`` labelled samples (nnU-Net's foreground oversampling applies to
+them only), then unlabelled ones; the mask is ``labelled``.
 
 nnU-Net's planned batch size is kept; option ``labelled_per_batch`` (``NNUNET_WEAK_TRAINER_OPTIONS``)
 sets the split, 0 (the default) meaning half the batch, rounded up. Validation is nnU-Net's; its
@@ -23,43 +27,29 @@ from nnunet_weak.training.two_stream import TwoStreamDataLoader, split_batch
 from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
 
 
-class SemiSupervisedTrainer(nnUNetWeakTrainer):
-    """nnU-Net on two-stream (labelled + unlabelled) batches; the loss is nnU-Net's until a method
-    overrides ``compute_training_loss``."""
+class TwoStreamTrainer(nnUNetWeakTrainer):
+    """nnU-Net on two-stream batches; the loss is nnU-Net's until a method overrides ``compute_training_loss``."""
 
-    trains_on_unlabelled_cases = True
-    tunable_options = {"labelled_per_batch": 0.0}
+    streams: tuple[str, str] = ("labelled", "unlabelled")
+    second_stream_unannotated = True  # unlabelled cases: uniform crops, no foreground oversampling
 
-    def keys_by_supervision(self) -> tuple[list[str], list[str], list[str]]:
-        """This fold's labelled training cases, unlabelled training cases and labelled validation cases,
-        from one split and the supervision manifest."""
-        manifest = self.supervision_manifest
-        if manifest is None:
-            raise UserInputError(
-                f"{self.__class__.__name__} needs to know which cases are unlabelled, from the supervision manifest "
-                f"of {self.plans_manager.dataset_name} in nnUNet_raw, which was not found. Convert the dataset with "
-                f"'nnunet-weak convert ... --supervision semi' and keep its raw folder in nnUNet_raw.")
-        tr_keys, val_keys = self.do_split()
-        unlabelled_cases = set(manifest.cases_with("unlabelled"))
-        labelled = [k for k in tr_keys if k not in unlabelled_cases]
-        unlabelled = [k for k in tr_keys if k in unlabelled_cases]
-        for kind, keys in (("labelled", labelled), ("unlabelled", unlabelled)):
-            if not keys:
-                raise UserInputError(
-                    f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {kind} training case, so its batches "
-                    f"cannot mix labelled and unlabelled samples. Check the supervision manifest (--labelled_count) "
-                    f"and the split (splits_final.json).")
-        return labelled, unlabelled, [k for k in val_keys if k not in unlabelled_cases]
+    def stream_keys(self) -> tuple[list[str], list[str], list[str]]:
+        """This fold's training cases of the first and of the second stream, and the validation cases nnU-Net's
+        per-epoch pseudo-Dice may use."""
+        raise NotImplementedError
+
+    def first_stream_per_batch(self) -> int:
+        """Samples of the first stream per batch (0: half the batch, rounded up)."""
+        raise NotImplementedError
 
     def get_dataloaders(self):
         """nnU-Net's loaders, with the training loader replaced by a two-stream one."""
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        num_labelled, num_unlabelled = split_batch(self.batch_size, self.labelled_per_batch)
-        labelled_keys, unlabelled_keys, annotated_validation_keys = self.keys_by_supervision()
-        self.print_to_log_file(f"Two-stream batches: {num_labelled} labelled (of {len(labelled_keys)} cases) + "
-                               f"{num_unlabelled} unlabelled (of {len(unlabelled_keys)} cases) per GPU.")
-
+        first_count, second_count = split_batch(self.batch_size, self.first_stream_per_batch(), self.streams)
+        first_keys, second_keys, annotated_validation_keys = self.stream_keys()
+        self.print_to_log_file(f"Two-stream batches: {first_count} {self.streams[0]} (of {len(first_keys)} cases) + "
+                               f"{second_count} {self.streams[1]} (of {len(second_keys)} cases) per GPU.")
         patch_size = self.configuration_manager.patch_size
         deep_supervision_scales = self._get_deep_supervision_scales()
         rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
@@ -84,8 +74,9 @@ class SemiSupervisedTrainer(nnUNetWeakTrainer):
                                     probabilistic_oversampling=self.probabilistic_oversampling)
 
         training_loader = TwoStreamDataLoader(
-            loader(labelled_keys, num_labelled, initial_patch_size, training_transforms),
-            loader(unlabelled_keys, num_unlabelled, initial_patch_size, training_transforms))
+            loader(first_keys, first_count, initial_patch_size, training_transforms),
+            loader(second_keys, second_count, initial_patch_size, training_transforms),
+            mask_name=self.streams[0], second_unannotated=self.second_stream_unannotated)
         # nnU-Net's per-epoch pseudo-Dice can only count annotated voxels: unlabelled validation cases
         # (scored on their dense labels after training) have none, and are used only when there is nothing else
         validation_loader = loader(annotated_validation_keys or self.do_split()[1], self.batch_size, patch_size,
@@ -109,3 +100,35 @@ class SemiSupervisedTrainer(nnUNetWeakTrainer):
         next(training)
         next(validation)
         return training, validation
+
+
+class SemiSupervisedTrainer(TwoStreamTrainer):
+    """nnU-Net on two-stream (labelled + unlabelled) batches; the loss is nnU-Net's until a method
+    overrides ``compute_training_loss``."""
+
+    trains_on_unlabelled_cases = True
+    tunable_options = {"labelled_per_batch": 0.0}
+
+    def stream_keys(self) -> tuple[list[str], list[str], list[str]]:
+        """This fold's labelled training cases, unlabelled training cases and labelled validation cases,
+        from one split and the supervision manifest."""
+        manifest = self.supervision_manifest
+        if manifest is None:
+            raise UserInputError(
+                f"{self.__class__.__name__} needs to know which cases are unlabelled, from the supervision manifest "
+                f"of {self.plans_manager.dataset_name} in nnUNet_raw, which was not found. Convert the dataset with "
+                f"'nnunet-weak convert ... --supervision semi' and keep its raw folder in nnUNet_raw.")
+        tr_keys, val_keys = self.do_split()
+        unlabelled_cases = set(manifest.cases_with("unlabelled"))
+        labelled = [k for k in tr_keys if k not in unlabelled_cases]
+        unlabelled = [k for k in tr_keys if k in unlabelled_cases]
+        for kind, keys in (("labelled", labelled), ("unlabelled", unlabelled)):
+            if not keys:
+                raise UserInputError(
+                    f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {kind} training case, so its batches "
+                    f"cannot mix labelled and unlabelled samples. Check the supervision manifest (--labelled_count) "
+                    f"and the split (splits_final.json).")
+        return labelled, unlabelled, [k for k in val_keys if k not in unlabelled_cases]
+
+    def first_stream_per_batch(self) -> int:
+        return self.labelled_per_batch

@@ -1,9 +1,11 @@
-"""Two-stream training batches: labelled and unlabelled samples in every batch.
+"""Two-stream training batches: samples of two kinds of case in every batch.
 
 nnU-Net draws every training sample from one pool and crops it around annotated voxels; it has no
-notion of unlabelled data. A semi-supervised method needs each batch to hold a fixed number of
+notion of kinds of supervision. A semi-supervised method needs each batch to hold a fixed number of
 labelled samples (for the supervised loss) and of unlabelled ones (for the consistency losses), on
-every DDP rank. :class:`TwoStreamDataLoader` composes such a batch from two of nnU-Net's own loaders:
+every DDP rank; a mixed-supervision method (ConfKD) a fixed number of densely labelled ones and of
+weakly labelled ones. :class:`TwoStreamDataLoader` composes such a batch from two of nnU-Net's own
+loaders. For semi-supervised batches (the defaults):
 
 - the **labelled stream** is an ``nnUNetDataLoader`` over the labelled cases, with nnU-Net's
   foreground oversampling (a fraction of its samples centred on a foreground voxel);
@@ -14,7 +16,9 @@ Both streams go through the same augmentation pipeline (the ``transforms`` nnU-N
 so an unlabelled sample is augmented exactly as a labelled one. The batch is the labelled samples
 followed by the unlabelled ones, with ``batch["labelled"]``, a boolean ``(B,)`` tensor, saying which is
 which. An unlabelled sample's target is the ignore label everywhere, so nnU-Net's loss already skips
-it; the mask lets a method leave it out of the supervised loss explicitly.
+it; the mask lets a method leave it out of the supervised loss explicitly. A second stream of annotated
+cases (``second_unannotated=False``, e.g. weak labels) keeps nnU-Net's oversampling and crops, and the
+mask is named after the first stream (``mask_name``, e.g. ``strong``).
 """
 from __future__ import annotations
 
@@ -27,60 +31,66 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunet_weak.errors import UserInputError
 
 
-def split_batch(batch_size: int, labelled_per_batch: int = 0) -> tuple[int, int]:
-    """How many labelled and unlabelled samples a batch of ``batch_size`` holds.
+def split_batch(batch_size: int, first_per_batch: int = 0,
+                streams: tuple[str, str] = ("labelled", "unlabelled")) -> tuple[int, int]:
+    """How many samples of each stream a batch of ``batch_size`` holds.
 
     Args:
         batch_size: samples per batch on one rank (nnU-Net's planned batch size, divided over ranks).
-        labelled_per_batch: labelled samples per batch; ``0`` means half the batch, rounded up.
+        first_per_batch: samples of the first stream per batch; ``0`` means half the batch, rounded up.
+        streams: the names of the two streams, for the messages.
 
     Raises:
         UserInputError: if the batch cannot hold at least one sample of each kind.
     """
+    first, second = streams
     if batch_size < 2:
         raise UserInputError(
-            f"A semi-supervised batch needs at least one labelled and one unlabelled sample, but the batch size per "
+            f"A batch of two streams needs at least one {first} and one {second} sample, but the batch size per "
             f"GPU is {batch_size}. Use plans with a batch size of at least 2 per GPU (edit 'batch_size' in the "
             f"plans' configuration, or train on fewer GPUs).")
-    if labelled_per_batch != int(labelled_per_batch):
-        raise UserInputError(f"labelled_per_batch must be a whole number, got {labelled_per_batch}.")
-    labelled = math.ceil(batch_size / 2) if labelled_per_batch == 0 else int(labelled_per_batch)
-    if not 1 <= labelled <= batch_size - 1:
+    if first_per_batch != int(first_per_batch):
+        raise UserInputError(f"{first}_per_batch must be a whole number, got {first_per_batch}.")
+    count = math.ceil(batch_size / 2) if first_per_batch == 0 else int(first_per_batch)
+    if not 1 <= count <= batch_size - 1:
         raise UserInputError(
-            f"labelled_per_batch={labelled} leaves no room for both kinds in a batch of {batch_size} per GPU: "
+            f"{first}_per_batch={count} leaves no room for both kinds in a batch of {batch_size} per GPU: "
             f"choose between 1 and {batch_size - 1} (0 = half the batch).")
-    return labelled, batch_size - labelled
+    return count, batch_size - count
 
 
 class TwoStreamDataLoader(DataLoader):
-    """Batches of ``labelled.batch_size`` labelled then ``unlabelled.batch_size`` unlabelled samples.
+    """Batches of ``first.batch_size`` samples of the first stream, then ``second.batch_size`` of the second.
 
     Args:
-        labelled: nnU-Net loader over the labelled training cases (with its oversampling).
-        unlabelled: nnU-Net loader over the unlabelled training cases; its oversampling is turned off
-            and its crops made uniform here.
+        first: nnU-Net loader over the first stream's training cases (with its oversampling).
+        second: nnU-Net loader over the second stream's training cases.
+        mask_name: the batch entry that marks the first stream's samples.
+        second_unannotated: the second stream's cases carry no annotation (unlabelled): its oversampling is
+            turned off and its crops made uniform here.
 
     A batch is nnU-Net's batch dictionary (``data`` ``(B, C, *patch)``, ``target`` a tensor or a list
-    per deep-supervision scale, ``keys``) plus ``labelled``, a ``(B,)`` bool tensor, ``True`` for the
-    first ``labelled.batch_size`` entries.
+    per deep-supervision scale, ``keys``) plus ``batch[mask_name]``, a ``(B,)`` bool tensor, ``True`` for
+    the first ``first.batch_size`` entries.
     """
 
-    def __init__(self, labelled: nnUNetDataLoader, unlabelled: nnUNetDataLoader):
-        super().__init__((labelled, unlabelled), labelled.batch_size + unlabelled.batch_size, 1, None, True,
-                         False, True)
-        unlabelled.oversample_foreground_percent = 0.0
-        # nnU-Net centres crops of ignore-label datasets on annotated voxels; an unlabelled case has none,
-        # so it gets the uniform crops nnU-Net uses for datasets without an ignore label
-        unlabelled.has_ignore = False
-        self.labelled, self.unlabelled = labelled, unlabelled
+    def __init__(self, first: nnUNetDataLoader, second: nnUNetDataLoader, mask_name: str = "labelled",
+                 second_unannotated: bool = True):
+        super().__init__((first, second), first.batch_size + second.batch_size, 1, None, True, False, True)
+        if second_unannotated:
+            second.oversample_foreground_percent = 0.0
+            # nnU-Net centres crops of ignore-label datasets on annotated voxels; an unlabelled case has none,
+            # so it gets the uniform crops nnU-Net uses for datasets without an ignore label
+            second.has_ignore = False
+        self.first, self.second, self.mask_name = first, second, mask_name
 
     def generate_train_batch(self) -> dict:
-        first, second = self.labelled.generate_train_batch(), self.unlabelled.generate_train_batch()
+        first, second = self.first.generate_train_batch(), self.second.generate_train_batch()
         if isinstance(first["target"], list):
             target = [torch.cat(pair) for pair in zip(first["target"], second["target"])]
         else:
             target = torch.cat((first["target"], second["target"]))
-        labelled = torch.zeros(self.batch_size, dtype=torch.bool)
-        labelled[:self.labelled.batch_size] = True
+        mask = torch.zeros(self.batch_size, dtype=torch.bool)
+        mask[:self.first.batch_size] = True
         return {"data": torch.cat((first["data"], second["data"])), "target": target,
-                "keys": list(first["keys"]) + list(second["keys"]), "labelled": labelled}
+                "keys": list(first["keys"]) + list(second["keys"]), self.mask_name: mask}

@@ -266,8 +266,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             data: ``(B, C, *patch)`` network input.
             target: nnU-Net's targets, a list per deep-supervision scale when it is enabled.
             output: the network's output for ``data`` (a list per scale under deep supervision).
-            batch_extras: what the batch carries beyond nnU-Net's (``labelled``, a ``(B,)`` bool tensor,
-                for two-stream batches; ``inside_image``, a ``(B, *patch)`` bool tensor, for trainers that set
+            batch_extras: what the batch carries beyond nnU-Net's (the stream mask of two-stream batches,
+                a ``(B,)`` bool tensor, e.g. ``labelled``; ``inside_image``, a ``(B, *patch)`` bool tensor, for trainers that set
                 ``marks_image_extent``).
         """
         return self.loss(output, target), {}
@@ -278,7 +278,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
-        extras = {"labelled": batch["labelled"].to(self.device)} if "labelled" in batch else {}
+        # what a batch carries beyond nnU-Net's (the stream mask of two-stream batches) goes to the loss
+        extras = {key: value.to(self.device) for key, value in batch.items() if key not in ("data", "target", "keys")}
         if self.marks_image_extent:
             target, extras["inside_image"] = split_image_extent(target)
         self.optimizer.zero_grad(set_to_none=True)
