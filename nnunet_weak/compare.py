@@ -404,6 +404,14 @@ def as_slices(volume: np.ndarray) -> np.ndarray:
 
 
 SCORE_COLUMNS = ("HD95 mean (mm)", "background as one class, worst (%)")
+
+
+def paired_scores(class_labels: dict) -> list[str]:
+    """The per-case scores compared between methods: Dice and HD95, per class and over the classes."""
+    return ([f"Dice {n}" for n in class_labels] + ["Dice mean"] + [f"HD95 {n} (mm)" for n in class_labels]
+            + ["HD95 mean (mm)"])
+
+
 SD_SUFFIX = " sd"
 
 
@@ -440,7 +448,7 @@ class RunScores:
         return row
 
     def per_case(self, split: str, class_labels: dict) -> dict[str, dict[str, float]]:
-        """Per case: Dice of each class, the mean Dice over classes and the mean HD95, averaged over seeds."""
+        """Per case: Dice and HD95 of each class and over the classes (``paired_scores``), averaged over seeds."""
         seeds = (self.validation if split == "validation" else
                  {s: {c["case"]: c["metrics"] for c in summary["metric_per_case"]} for s, summary in self.test.items()})
         cases = sorted(set.intersection(*(set(v) for v in seeds.values())))
@@ -449,6 +457,7 @@ class RunScores:
             scores = {f"Dice {n}": [seeds[s][case][n]["Dice"] for s in seeds] for n in class_labels}
             scores["Dice mean"] = [_nanmean([seeds[s][case][n]["Dice"] for n in class_labels]) for s in seeds]
             scores["HD95 mean (mm)"] = [_nanmean([seeds[s][case][n]["HD95"] for n in class_labels]) for s in seeds]
+            scores.update({f"HD95 {n} (mm)": [seeds[s][case][n]["HD95"] for s in seeds] for n in class_labels})
             result[case] = {k: _nanmean(v) for k, v in scores.items()}
         return result
 
@@ -472,7 +481,7 @@ def paired_against(baseline: RunScores, others: Sequence[RunScores], class_label
         for result in others:
             scores = result.per_case(split, class_labels)
             cases = sorted(set(scores) & set(reference))
-            for score in [f"Dice {n}" for n in class_labels] + ["Dice mean", "HD95 mean (mm)"]:
+            for score in paired_scores(class_labels):
                 difference = paired_difference([scores[c][score] for c in cases], [reference[c][score] for c in cases])
                 rows.append({"split": split, "method": result.run.method, "baseline": baseline.run.method,
                              "score": score, "mean difference": difference.mean, "ci low": difference.ci_low,

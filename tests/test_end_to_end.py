@@ -161,6 +161,11 @@ def test_compare_with_seeds_reports_validation_and_paired_differences(workspace)
     paired = [r for r in csv.DictReader((output / "comparison_paired.csv").read_text(encoding="utf-8").splitlines())
               if r["split"] == "validation" and r["score"] == "Dice mean"]
     assert len(paired) == 1 and paired[0]["method"] == trainers[1]
+    all_validation_rows = [r["score"] for r in csv.DictReader((output / "comparison_paired.csv").read_text(
+        encoding="utf-8").splitlines()) if r["split"] == "validation"]
+    classes = ["RV", "MYO", "LV"]
+    assert all_validation_rows == [f"Dice {c}" for c in classes] + ["Dice mean"] + [f"HD95 {c} (mm)" for c in classes] \
+        + ["HD95 mean (mm)"]
     assert paired[0]["baseline"] == "nnU-Net + partial loss"
     assert float(paired[0]["mean difference"]) == pytest.approx(expected)
     table = (output / "comparison.md").read_text(encoding="utf-8")
