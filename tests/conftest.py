@@ -76,19 +76,20 @@ def planned_phantom_twins(root: Path, dense_id: int, sparse_id: int, configurati
 
 
 def planned_phantom_semi(root: Path, dense_id: int, semi_id: int, configurations=("2d",), num_train: int = 6,
-                         labelled_count: int = 2, **env_extra: str):
+                         labelled_count: int = 2, supervision: str = "semi", name: str = "PhantomSemi",
+                         **env_extra: str):
     """A 32×32 phantom dense dataset planned by nnU-Net, and a semi-supervised copy of it (the first
-    ``labelled_count`` cases labelled, the rest unlabelled) converted through ``convert folders`` and
-    preprocessed on the same plans."""
+    ``labelled_count`` cases labelled, the rest unlabelled; with ``supervision="mixed"``, the rest weakly
+    labelled with scribbles) converted through ``convert folders`` and preprocessed on the same plans."""
     folders = {name: root / name for name in NNUNET_FOLDERS}
     env = subprocess_env(folders, NNUNET_WEAK_BUDGET="smoke", **env_extra)
     run_checked([BIN / "nnunet-weak", "convert", "phantom", "--dense_id", str(dense_id), "--sparse_id",
                  str(dense_id + 1), "--num_train", str(num_train), "--num_test", "1", "--size", "32"], env)
     dense = next((folders["nnUNet_raw"]).glob(f"Dataset{dense_id:03d}_*"))
     run_checked([BIN / "nnunet-weak", "convert", "folders", "--images", dense / "imagesTr", "--labels",
-                 dense / "labelsTr", "--classes", "RV", "MYO", "LV", "--name", "PhantomSemi", "--id", str(semi_id),
-                 "--dense_id", str(semi_id + 1), "--supervision", "semi", "--labelled_count", str(labelled_count)],
-                env)
+                 dense / "labelsTr", "--classes", "RV", "MYO", "LV", "--name", name, "--id", str(semi_id),
+                 "--dense_id", str(semi_id + 1), "--supervision", supervision, "--labelled_count",
+                 str(labelled_count)], env)
     run_checked([BIN / "nnUNetv2_plan_and_preprocess", "-d", str(dense_id), "-c", *configurations, "-np", "2",
                  "-npfp", "2"], env)
     run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", str(semi_id), "-c", *configurations, "-np", "2",

@@ -4,15 +4,17 @@ Run as a subprocess (``python tests/trainer_probe.py MODE ...``) because nnU-Net
 from the environment once, when ``nnunetv2.paths`` is imported. Modes:
 
 - ``steps DATASET CONFIG TRAINER N``: N training steps from a fixed seed; the loss components and the
-  batch composition (keys, labelled mask) of each step, and a checksum of every parameter and of its
+  batch composition (keys, stream mask) of each step, and a checksum of every parameter and of its
   last gradient.
+- ``targets DATASET CONFIG TRAINER N``: N training batches' targets at every deep-supervision scale, with
+  their keys and stream masks.
 - ``resume DATASET CONFIG TRAINER N``: N steps, a checkpoint, a fresh trainer loaded from it; whether
   the two agree on every parameter and optimiser state, and on one more step on the same batch.
 - ``initial DATASET CONFIG TRAINER``: a trainer built from a random global state (as ``nnUNetv2_train``
   would be); a checksum of its initial weights, which ``NNUNET_WEAK_SEED`` alone must decide.
 - ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
   does, one step each on different batches; whether every parameter and buffer ended identical on
-  both ranks, and each rank's labelled mask.
+  both ranks, and each rank's stream mask.
 """
 import json
 import os
@@ -57,6 +59,11 @@ def numbers(output: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in output.items()}
 
 
+def stream_masks(batch: dict) -> dict:
+    """The stream masks of a two-stream batch (``labelled``, ``strong``), as lists."""
+    return {k: v.tolist() for k, v in batch.items() if k not in ("data", "target", "keys")}
+
+
 def steps(dataset, configuration, trainer_name, count):
     trainer = make_trainer(dataset, configuration, trainer_name)
     loader = batches(trainer, 0)
@@ -64,10 +71,21 @@ def steps(dataset, configuration, trainer_name, count):
     losses, compositions = [], []
     for _ in range(int(count)):
         batch = next(loader)
-        compositions.append({"keys": list(batch["keys"]),
-                             "labelled": batch["labelled"].tolist() if "labelled" in batch else None})
+        compositions.append({"keys": list(batch["keys"]), **stream_masks(batch)})
         losses.append(numbers(trainer.train_step(batch)))
     print(json.dumps({"losses": losses, "parameters": checksums(trainer), "batches": compositions}))
+
+
+def targets(dataset, configuration, trainer_name, count):
+    """N training batches' targets (every deep-supervision scale) with their keys and stream masks."""
+    trainer = make_trainer(dataset, configuration, trainer_name)
+    loader = batches(trainer, 0)
+    result = []
+    for _ in range(int(count)):
+        batch = next(loader)
+        target = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
+        result.append({"keys": list(batch["keys"]), **stream_masks(batch), "target": [t.tolist() for t in target]})
+    print(json.dumps(result))
 
 
 def resume(dataset, configuration, trainer_name, count):
@@ -119,7 +137,7 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
     seeded(rank)
     batch = next(loader)
     output = numbers(trainer.train_step(batch))
-    output["labelled"] = batch["labelled"].tolist() if "labelled" in batch else None
+    output.update(stream_masks(batch))
     # per parameter and buffer (memory banks, normalisation statistics), its value on rank 0 and on rank 1
     state = trainer.network.state_dict()
     gathered = []
@@ -162,4 +180,4 @@ def ddp(dataset, configuration, trainer_name):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, *arguments = sys.argv[1:]
-    {"steps": steps, "resume": resume, "initial": initial, "ddp": ddp}[mode](*arguments)
+    {"steps": steps, "targets": targets, "resume": resume, "initial": initial, "ddp": ddp}[mode](*arguments)

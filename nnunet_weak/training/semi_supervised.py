@@ -4,7 +4,8 @@
 (``nnunet_weak.training.two_stream``): on every DDP rank, each batch holds a fixed number of the first
 stream's samples followed by the second stream's, all through nnU-Net's augmentation, and
 ``compute_training_loss`` receives the ``(B,)`` mask named after the first stream. A subclass says
-which cases form each stream (``stream_keys``) and how many of the first a batch holds.
+which cases form each stream (``stream_keys``) and how many of the first a batch holds, and may append a
+per-case map to the training samples' segmentation (``training_target_folder``, through nnU-Net's loader).
 
 ``SemiSupervisedTrainer`` keeps the cases that the supervision manifest marks ``unlabelled`` in the
 training keys: ``labelled_per_batch`` labelled samples (nnU-Net's foreground oversampling applies to
@@ -42,6 +43,11 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
         """Samples of the first stream per batch (0: half the batch, rounded up)."""
         raise NotImplementedError
 
+    def training_target_folder(self) -> str | None:
+        """The folder of per-case maps that nnU-Net's loader appends to every training sample's segmentation as
+        its last channel (nnU-Net's previous-stage segmentations; ``None``: nothing appended)."""
+        return self.folder_with_segs_from_previous_stage
+
     def get_dataloaders(self):
         """nnU-Net's loaders, with the training loader replaced by a two-stream one."""
         if self.dataset_class is None:
@@ -65,17 +71,19 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=regions,
             ignore_label=self.label_manager.ignore_label)
 
-        def loader(keys, batch_size, loader_patch_size, transforms):
+        def loader(keys, batch_size, loader_patch_size, transforms,
+                   appended_segs=self.folder_with_segs_from_previous_stage):
             dataset = self.dataset_class(self.preprocessed_dataset_folder, keys,
-                                         folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+                                         folder_with_segs_from_previous_stage=appended_segs)
             return nnUNetDataLoader(dataset, batch_size, loader_patch_size, patch_size, self.label_manager,
                                     oversample_foreground_percent=self.oversample_foreground_percent,
                                     sampling_probabilities=None, pad_sides=None, transforms=transforms,
                                     probabilistic_oversampling=self.probabilistic_oversampling)
 
+        appended_segs = self.training_target_folder()
         training_loader = TwoStreamDataLoader(
-            loader(first_keys, first_count, initial_patch_size, training_transforms),
-            loader(second_keys, second_count, initial_patch_size, training_transforms),
+            loader(first_keys, first_count, initial_patch_size, training_transforms, appended_segs),
+            loader(second_keys, second_count, initial_patch_size, training_transforms, appended_segs),
             mask_name=self.streams[0], second_unannotated=self.second_stream_unannotated)
         # nnU-Net's per-epoch pseudo-Dice can only count annotated voxels: unlabelled validation cases
         # (scored on their dense labels after training) have none, and are used only when there is nothing else

@@ -272,6 +272,14 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         """
         return self.loss(output, target), {}
 
+    def split_target(self, target) -> tuple:
+        """nnU-Net's targets without the channels that carry something else than the labels, and what those
+        carry, by the name ``compute_training_loss`` receives it (``inside_image`` for ``marks_image_extent``)."""
+        if self.marks_image_extent:
+            target, inside_image = split_image_extent(target)
+            return target, {"inside_image": inside_image}
+        return target, {}
+
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step, with the loss from :meth:`compute_training_loss`."""
         data = batch["data"].to(self.device, non_blocking=True)
@@ -280,8 +288,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                   else target.to(self.device, non_blocking=True))
         # what a batch carries beyond nnU-Net's (the stream mask of two-stream batches) goes to the loss
         extras = {key: value.to(self.device) for key, value in batch.items() if key not in ("data", "target", "keys")}
-        if self.marks_image_extent:
-            target, extras["inside_image"] = split_image_extent(target)
+        target, carried = self.split_target(target)
+        extras.update(carried)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
