@@ -5,8 +5,8 @@ For each configuration of a planned dataset, both trainers run the same number o
 and batch size (``--batch_size`` overrides the batch size for a machine that cannot hold it), each
 in a fresh process, alternating; the table reports the medians of the step times and of the peak
 memory of the steps, and their ratios. A run the system kills (out of memory) is reported as such.
-Semi-supervised trainers get two-stream batches (the first half labelled, the rest unlabelled, as
-their loader makes them).
+Two-stream trainers get two-stream batches as their loader makes them: semi-supervised (labelled, then
+unlabelled samples) or mixed supervision (strong, then weak samples, each with its weak map).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, minus what was allocated before;
 on CPU the peak resident set size during the steps (``VmHWM``, reset first) minus the resident size
@@ -75,24 +75,32 @@ class PeakMemory:
 
 
 def synthetic_batch(trainer, generator, batch: int) -> dict:
-    """A training batch of the trainer's patch, for ``batch`` samples; two-stream for semi-supervised
-    trainers (``labelled`` mask, unlabelled samples ignore everywhere)."""
+    """A training batch of the trainer's patch, for ``batch`` samples; for two-stream trainers the two streams as
+    their loader makes them: semi-supervised (``labelled`` mask, unlabelled samples ignore everywhere) or mixed
+    (``strong`` mask, a second target channel holding every sample's weak map)."""
     import torch
-    from nnunet_weak.training.semi_supervised import SemiSupervisedTrainer
+    from nnunet_weak.training.mixed_supervision import MixedSupervisionTrainer
+    from nnunet_weak.training.semi_supervised import TwoStreamTrainer
     from nnunet_weak.training.two_stream import split_batch
     from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
     patch = [int(p) for p in trainer.configuration_manager.patch_size]
     data = torch.randn(batch, trainer.num_input_channels, *patch, generator=generator)
     ignore = trainer.label_manager.ignore_label
     classes = len(trainer.label_manager.all_labels) - (ignore is not None)
-    labels = torch.randint(0, classes, (batch, 1, *patch), generator=generator)
+    dense = torch.randint(0, classes, (batch, 1, *patch), generator=generator)
+    labels = dense.clone()
     if ignore is not None:
         labels[torch.rand(labels.shape, generator=generator) > 0.02] = ignore
     extra = {}
-    if isinstance(trainer, SemiSupervisedTrainer):
-        labelled_count, _ = split_batch(batch, trainer.labelled_per_batch)
-        extra["labelled"] = torch.arange(batch) < labelled_count
-        labels[labelled_count:] = ignore
+    if isinstance(trainer, TwoStreamTrainer):
+        first_count, _ = split_batch(batch, trainer.first_stream_per_batch(), trainer.streams)
+        first = torch.arange(batch) < first_count
+        extra[trainer.streams[0]] = first
+        if isinstance(trainer, MixedSupervisionTrainer):
+            strong = first.view(-1, *[1] * (dense.ndim - 1))
+            labels = torch.cat((torch.where(strong, dense, labels), labels), 1)
+        else:
+            labels[first_count:] = ignore
     scales = trainer._get_deep_supervision_scales()
     target = [SparsePreservingDownsampleSegForDSTransform(scales, ignore if ignore is not None else classes)(
         segmentation=sample)["segmentation"] for sample in labels.to(torch.int16)]

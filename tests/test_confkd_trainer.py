@@ -147,6 +147,42 @@ def test_dense_labels_of_weak_cases_never_reach_a_loss(workspace, tmp_path):
     assert after == before
 
 
+def test_weak_maps_are_the_preprocessed_weak_labels_and_bad_ones_are_refused(workspace, tmp_path):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_weak.errors import UserInputError
+    from nnunet_weak.training.mixed_supervision import write_weak_target_maps
+    folders, _ = workspace
+    raw, preprocessed = folders["nnUNet_raw"] / MIXED, folders["nnUNet_preprocessed"] / MIXED
+    plans = PlansManager(str(preprocessed / "nnUNetPlans.json"))
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
+    cases = nnUNetDatasetBlosc2(str(preprocessed / "nnUNetPlans_2d"))
+
+    def write(folder, weak_label):
+        strong = {"phantom_0000": ([raw / "imagesTr" / "phantom_0000_0000.nii.gz"], weak_label)}
+        return write_weak_target_maps(folder, strong, ["phantom_0002"], preprocessed / "nnUNetPlans_2d",
+                                      nnUNetDatasetBlosc2, plans, plans.get_configuration("2d"), dataset_json)
+
+    folder = write(tmp_path / "maps", raw / "labelsTr_weak" / "phantom_0000.nii.gz")
+    assert sorted(p.name for p in folder.iterdir()) == ["phantom_0000.b2nd", "phantom_0002.b2nd"]
+    maps = nnUNetDatasetBlosc2(str(preprocessed / "nnUNetPlans_2d"), ["phantom_0000", "phantom_0002"],
+                               folder_with_segs_from_previous_stage=str(folder))
+    np.testing.assert_array_equal(np.asarray(maps.load_case("phantom_0002")[2]),
+                                  np.asarray(cases.load_case("phantom_0002")[1])[0])
+    weak, dense = np.asarray(maps.load_case("phantom_0000")[2]), np.asarray(cases.load_case("phantom_0000")[1])[0]
+    scribbled = weak != IGNORE
+    assert weak.shape == dense.shape and 0 < scribbled.mean() < 0.5
+    assert (weak[scribbled] == dense[scribbled]).mean() > 0.95  # scribbles lie inside their class
+
+    with pytest.raises(UserInputError, match="is missing"):
+        write(tmp_path / "missing", raw / "labelsTr_weak" / "nowhere.nii.gz")
+    cropped = tmp_path / "cropped.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(raw / "labelsTr_weak" / "phantom_0000.nii.gz"))[:20], str(cropped))
+    with pytest.raises(UserInputError, match="not on the image's grid"):
+        write(tmp_path / "cropped", cropped)
+    assert not any(p.name.startswith(("missing", "cropped.")) and p.is_dir() for p in tmp_path.iterdir())
+
+
 def test_resume_restores_both_decoders_exactly(workspace):
     _, env = workspace
     result = probe(env, "resume", "972", "2d", TRAINER, "2")

@@ -61,7 +61,7 @@ def write_weak_target_maps(folder: str | os.PathLike, strong_cases: dict[str, tu
     ``dataset_class.save_seg`` as nnU-Net saves a previous stage's segmentation.
 
     Raises:
-        UserInputError: a weak label file is missing, or preprocesses to another grid than its case.
+        UserInputError: a weak label file is missing, or is not on its image's grid.
     """
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
@@ -72,17 +72,20 @@ def write_weak_target_maps(folder: str | os.PathLike, strong_cases: dict[str, tu
         seg = np.asarray(preprocessed.load_case(case)[1])
         dataset_class.save_seg(np.ascontiguousarray(seg[0]), str(partial / case))
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    reader = plans_manager.image_reader_writer_class()
     for case, (images, weak_label) in strong_cases.items():
         if not weak_label.is_file():
+            shutil.rmtree(partial)
             raise UserInputError(f"The weak label of strong case {case} is missing: {weak_label}. Convert the dataset "
                                  f"again with 'nnunet-weak convert ... --supervision mixed', which writes it.")
-        _, seg, _ = preprocessor.run_case([str(i) for i in images], str(weak_label), plans_manager,
-                                          configuration_manager, dataset_json)
-        dense_shape = tuple(np.asarray(preprocessed.load_case(case)[1]).shape)
-        if tuple(seg.shape) != dense_shape:
-            raise UserInputError(f"The weak label of strong case {case} ({weak_label}) preprocesses to shape "
-                                 f"{tuple(seg.shape)}, its case to {dense_shape}: the weak label is not on the image's "
-                                 f"grid. Convert the dataset again.")
+        data, properties = reader.read_images([str(i) for i in images])
+        seg, _ = reader.read_seg(str(weak_label))
+        if seg.shape[1:] != data.shape[1:]:
+            shutil.rmtree(partial)
+            raise UserInputError(f"The weak label of strong case {case} ({weak_label}) has shape {seg.shape[1:]}, its "
+                                 f"image {data.shape[1:]}: the weak label is not on the image's grid. Convert the "
+                                 f"dataset again.")
+        _, seg, _ = preprocessor.run_case_npy(data, seg, properties, plans_manager, configuration_manager, dataset_json)
         dataset_class.save_seg(np.ascontiguousarray(seg[0].astype(np.int16)), str(partial / case))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
