@@ -98,6 +98,8 @@ def options_from_environment(trainer: str) -> str:
 
 def method_name(trainer: str, dataset: RawDataset, dense: bool) -> str:
     """The row name: what the base trainer is on this dataset, the trainer's name otherwise."""
+    if trainer == f"{BASE_TRAINER}_denseCasesOnly":
+        return "nnU-Net, dense cases only"
     if trainer != BASE_TRAINER:
         return trainer
     if dense:

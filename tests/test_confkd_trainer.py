@@ -56,6 +56,12 @@ def test_batches_mix_strong_and_weak_cases_and_every_term_acts(workspace, config
     assert not any(name.startswith("second_decoder.encoder") for name in gradients)
 
 
+def test_the_dense_cases_only_baseline_never_sees_a_weak_case(workspace):
+    _, env = workspace
+    result = probe(env, "steps", "972", "2d", "nnUNetWeakTrainer_denseCasesOnly", "3")
+    assert {key for batch in result["batches"] for key in batch["keys"]} == STRONG
+
+
 @pytest.mark.parametrize("trainer, teacher_prefix, student_prefix", [
     (TRAINER, "second_decoder.", "inference_network.decoder."),
     ("ConfKDTrainer_predictWithTeacher", "inference_network.decoder.", "second_decoder.")])

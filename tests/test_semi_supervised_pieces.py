@@ -250,3 +250,5 @@ def test_compare_names_the_base_trainer_by_what_it_trains_on():
     assert method_name("nnUNetWeakTrainer", dataset("dense", "sparse", "unlabelled"), False) == "nnU-Net + partial loss"
     assert method_name("nnUNetWeakTrainer", dataset("dense"), True) == "nnU-Net dense (upper bound)"
     assert method_name("CAMLTrainer", dataset("dense", "unlabelled"), False) == "CAMLTrainer"
+    assert method_name("nnUNetWeakTrainer_denseCasesOnly", dataset("dense", "sparse"), False) == \
+        "nnU-Net, dense cases only"

@@ -7,7 +7,7 @@ loss" baseline (Gotkowski et al., MICCAI 2025) that every method must beat.
 """
 from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
 
-__all__ = ["nnUNetWeakTrainer", "nnUNetWeakTrainer_nearestDSTargets"]
+__all__ = ["nnUNetWeakTrainer", "nnUNetWeakTrainer_nearestDSTargets", "nnUNetWeakTrainer_denseCasesOnly"]
 
 
 class nnUNetWeakTrainer_nearestDSTargets(nnUNetWeakTrainer):
@@ -15,3 +15,9 @@ class nnUNetWeakTrainer_nearestDSTargets(nnUNetWeakTrainer):
     (the comparison point of ``sparse_target_downsampling``)."""
 
     sparse_target_downsampling = "nearest"
+
+
+class nnUNetWeakTrainer_denseCasesOnly(nnUNetWeakTrainer):
+    """nnU-Net on the densely labelled cases alone: on a mixed dataset, the baseline that ignores the weak labels."""
+
+    trains_on_sparse_cases = False

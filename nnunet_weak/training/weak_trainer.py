@@ -111,6 +111,9 @@ class nnUNetWeakTrainer(nnUNetTrainer):
     #: whether cases marked unlabelled in the manifest stay in the training keys (semi-supervised
     #: trainers); otherwise they are left out of training
     trains_on_unlabelled_cases = False
+    #: whether cases marked sparse (weak labels) in the manifest are trained on; otherwise only dense cases are
+    #: (nnU-Net on the densely labelled cases of a mixed dataset)
+    trains_on_sparse_cases = True
     #: whether compute_training_loss receives ``inside_image``, the (B, *patch) mask of the voxels inside the
     #: image (not padding, not brought in from outside by rotation or scaling)
     marks_image_extent = False
@@ -168,19 +171,25 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         return None if self.raw_dataset is None else self.raw_dataset.manifest
 
     def do_split(self):
-        """nnU-Net's split, without unlabelled cases in the training keys unless the trainer uses them."""
+        """nnU-Net's split, without the cases the trainer does not train on (unlabelled ones unless
+        ``trains_on_unlabelled_cases``, sparse ones unless ``trains_on_sparse_cases``) in the training keys."""
         tr_keys, val_keys = super().do_split()
         manifest = self.supervision_manifest
-        if manifest is None or self.trains_on_unlabelled_cases:
+        if manifest is None:
             return tr_keys, val_keys
-        unlabelled = set(manifest.cases_with("unlabelled"))
-        supervised = [k for k in tr_keys if k not in unlabelled]
+        left_out = set()
+        for kind, trained in (("unlabelled", self.trains_on_unlabelled_cases), ("sparse", self.trains_on_sparse_cases)):
+            if not trained:
+                left_out |= set(manifest.cases_with(kind))
+        supervised = [k for k in tr_keys if k not in left_out]
         if len(supervised) < len(tr_keys):
-            self.print_to_log_file(f"{len(tr_keys) - len(supervised)} unlabelled case(s) of this fold are "
-                                   f"left out of the supervised training stream.")
+            kinds = " and ".join(kind for kind, trained in (("unlabelled", self.trains_on_unlabelled_cases),
+                                                            ("sparse", self.trains_on_sparse_cases)) if not trained)
+            self.print_to_log_file(f"{len(tr_keys) - len(supervised)} {kinds} case(s) of this fold are left out of "
+                                   f"the training stream.")
         if not supervised:
-            raise RuntimeError(f"Fold {self.fold} has no labelled training case: every training case is "
-                               f"marked unlabelled in the supervision manifest.")
+            raise RuntimeError(f"Fold {self.fold} has no training case that {self.__class__.__name__} trains on: every "
+                               f"training case is marked unlabelled or sparse in the supervision manifest.")
         return supervised, val_keys
 
     # ---- training-only modules and checkpoints ----------------------------------------------
