@@ -50,3 +50,31 @@ def test_deep_supervision_switch_reaches_both_decoders():
     network.train()
     planned_out, second_out = network(torch.randn(1, 1, 32, 32))
     assert planned_out.shape == second_out.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("which", ["planned", "second"])
+def test_samples_decoded_without_gradient_give_the_same_outputs_and_no_gradient(which):
+    torch.manual_seed(0)
+    network = TwoDecoderNetwork(small_unet("plain", 2))
+    network.train()
+    x = torch.randn(4, 1, 32, 32)
+    frozen = torch.tensor([False, True, False, True])
+    reference = network(x)
+    outputs = network(x, **{f"{which}_without_gradient": frozen})
+    for reference_scales, scales in zip(reference, outputs):
+        for a, b in zip(reference_scales, scales):
+            torch.testing.assert_close(a, b)
+    branch = outputs[0] if which == "planned" else outputs[1]
+    # the loss of the frozen samples reaches nothing; that of the others is unchanged
+    network.zero_grad()
+    sum(o[frozen].sum() for o in branch).backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in network.parameters())
+    network.zero_grad()
+    sum(o[~frozen].square().mean() for o in branch).backward()
+    with_mask = [p.grad.clone() for p in network.parameters() if p.grad is not None]
+    network.zero_grad()
+    sum(o[~frozen].square().mean() for o in (reference[0] if which == "planned" else reference[1])).backward()
+    without_mask = [p.grad for p in network.parameters() if p.grad is not None]
+    assert len(with_mask) == len(without_mask) > 0
+    for a, b in zip(with_mask, without_mask):
+        torch.testing.assert_close(a, b)

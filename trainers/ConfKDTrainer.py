@@ -52,6 +52,12 @@ class ConfKDTrainer(MixedSupervisionTrainer):
     def training_network(self, network):
         return TwoDecoderNetwork(network)
 
+    def training_forward_arguments(self, extras: dict) -> dict:
+        # a detached teacher's prediction on weak samples is only the KL target: decoded without its backward pass
+        if not self.detach_teacher:
+            return {}
+        return {f"{self.teacher_decoder}_without_gradient": ~extras["strong"]}
+
     def _branch_loss(self, logits: list, targets: list, samples: torch.Tensor | None = None) -> torch.Tensor:
         """nnU-Net's loss of one decoder's outputs on the selected samples (all when ``samples`` is None)."""
         if samples is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from copy import deepcopy
 
+import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
@@ -35,20 +36,50 @@ def second_decoder(network: nn.Module) -> nn.Module:
     return copy
 
 
+def decode_without_gradient_for(decoder: nn.Module, skips: list, samples: torch.Tensor | None):
+    """``decoder(skips)``, with the selected samples decoded under ``torch.no_grad()``.
+
+    Args:
+        decoder: an nnU-Net decoder (its output: a list of ``(B, K, *scale)`` logits, or one tensor).
+        skips: the encoder's skips, each ``(B, C_i, *spatial_i)``.
+        samples: ``(B,)`` bool, the samples whose output needs no gradient (``None``: none). Decoding them
+            apart saves their backward pass; exact for nnU-Net's per-sample normalisation (instance norm), not
+            for batch norm, whose statistics would then come from each part separately.
+    """
+    if samples is None or not samples.any():
+        return decoder(skips)
+    with_gradient = torch.nonzero(~samples).flatten()
+    without_gradient = torch.nonzero(samples).flatten()
+    if len(with_gradient) == 0:
+        with torch.no_grad():
+            return decoder(skips)
+    first = decoder([s[with_gradient] for s in skips])
+    with torch.no_grad():
+        second = decoder([s[without_gradient] for s in skips])
+    order = torch.argsort(torch.cat((with_gradient, without_gradient)))
+    if isinstance(first, (list, tuple)):
+        return [torch.cat(pair)[order] for pair in zip(first, second)]
+    return torch.cat((first, second))[order]
+
+
 class TwoDecoderNetwork(TrainingNetwork):
     """The planned network (its encoder and decoder) and a second decoder on the same encoder.
 
     ``training_forward(x)`` with ``x`` ``(B, C, *patch)`` returns ``(planned decoder output, second
     decoder output)``, each as nnU-Net's decoder returns it (a list of logits ``(B, K, *scale)``, full
-    resolution first, with deep supervision; one ``(B, K, *patch)`` tensor without). In ``eval()`` the
-    module is the planned network alone.
+    resolution first, with deep supervision; one ``(B, K, *patch)`` tensor without). A ``(B,)`` bool mask
+    ``planned_without_gradient`` or ``second_without_gradient`` decodes those samples under ``torch.no_grad()``
+    (:func:`decode_without_gradient_for`): for outputs that only serve as a detached target, whose backward
+    pass would compute nothing but zeros. In ``eval()`` the module is the planned network alone.
     """
 
     def __init__(self, inference_network: nn.Module):
         super().__init__(inference_network)
         self.second_decoder = second_decoder(inference_network)
 
-    def training_forward(self, x):
+    def training_forward(self, x, planned_without_gradient: torch.Tensor | None = None,
+                         second_without_gradient: torch.Tensor | None = None):
         planned = unwrap_network(self.inference_network)
         skips = planned.encoder(x)
-        return planned.decoder(skips), self.second_decoder(skips)
+        return (decode_without_gradient_for(planned.decoder, skips, planned_without_gradient),
+                decode_without_gradient_for(self.second_decoder, skips, second_without_gradient))

@@ -33,11 +33,12 @@ class TrainingNetwork(nn.Module):
         super().__init__()
         self.inference_network = inference_network
 
-    def forward(self, x):
-        return self.training_forward(x) if self.training else self.inference_network(x)
+    def forward(self, x, **training_arguments):
+        return self.training_forward(x, **training_arguments) if self.training else self.inference_network(x)
 
-    def training_forward(self, x):
-        """The forward pass of one training batch ``x`` ``(B, C, *patch)``; what the loss needs."""
+    def training_forward(self, x, **training_arguments):
+        """The forward pass of one training batch ``x`` ``(B, C, *patch)``; what the loss needs. Keyword arguments
+        come from the trainer's ``training_forward_arguments``."""
         raise NotImplementedError
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:

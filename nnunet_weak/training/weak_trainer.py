@@ -289,6 +289,11 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             return target, {"inside_image": inside_image}
         return target, {}
 
+    def training_forward_arguments(self, extras: dict) -> dict:
+        """Keyword arguments of the training network's forward pass, from what the batch carries (``extras``, as
+        ``compute_training_loss`` receives them); only a ``TrainingNetwork`` takes any."""
+        return {}
+
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step, with the loss from :meth:`compute_training_loss`."""
         data = batch["data"].to(self.device, non_blocking=True)
@@ -301,7 +306,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         extras.update(carried)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
+            output = self.network(data, **self.training_forward_arguments(extras))
             loss, components = self.compute_training_loss(data, target, output, **extras)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
