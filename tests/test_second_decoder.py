@@ -53,9 +53,17 @@ def test_deep_supervision_switch_reaches_both_decoders():
 
 
 @pytest.mark.parametrize("which", ["planned", "second"])
-def test_samples_decoded_without_gradient_give_the_same_outputs_and_no_gradient(which):
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_samples_decoded_without_gradient_give_the_same_outputs_and_no_gradient(which, norm):
     torch.manual_seed(0)
-    network = TwoDecoderNetwork(small_unet("plain", 2))
+    planned = small_unet("plain", 2)
+    if norm == "batch":
+        for stage in planned.modules():
+            for name, child in list(stage.named_children()):
+                if isinstance(child, torch.nn.InstanceNorm2d):
+                    setattr(stage, name, torch.nn.BatchNorm2d(child.num_features))
+    network = TwoDecoderNetwork(planned)
+    assert (norm == "batch") == any(isinstance(m, torch.nn.BatchNorm2d) for m in network.second_decoder.modules())
     network.train()
     x = torch.randn(4, 1, 32, 32)
     frozen = torch.tensor([False, True, False, True])

@@ -43,11 +43,15 @@ def decode_without_gradient_for(decoder: nn.Module, skips: list, samples: torch.
         decoder: an nnU-Net decoder (its output: a list of ``(B, K, *scale)`` logits, or one tensor).
         skips: the encoder's skips, each ``(B, C_i, *spatial_i)``.
         samples: ``(B,)`` bool, the samples whose output needs no gradient (``None``: none). Decoding them
-            apart saves their backward pass; exact for nnU-Net's per-sample normalisation (instance norm), not
-            for batch norm, whose statistics would then come from each part separately.
+            apart saves their backward pass; exact for nnU-Net's per-sample normalisation (instance norm). A
+            decoder with batch norm, whose statistics span the batch, decodes the whole batch and detaches them.
     """
     if samples is None or not samples.any():
         return decoder(skips)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in decoder.modules()):
+        output = decoder(skips)
+        detach = (lambda o: torch.where(samples.view(-1, *[1] * (o.dim() - 1)), o.detach(), o))
+        return [detach(o) for o in output] if isinstance(output, (list, tuple)) else detach(output)
     with_gradient = torch.nonzero(~samples).flatten()
     without_gradient = torch.nonzero(samples).flatten()
     if len(with_gradient) == 0:
