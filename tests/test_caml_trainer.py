@@ -3,6 +3,8 @@ unlabelled label maps never read, exact resume, DDP (gloo, two processes), stock
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import SimpleITK as sitk
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import BIN, planned_phantom_semi, probe, run_checked, subprocess_env
+from conftest import BIN, PROBE, planned_phantom_semi, probe, run_checked, subprocess_env
 
 SEMI = "Dataset982_PhantomSemi"
 TRAINER = "CAMLTrainer"
@@ -39,10 +41,36 @@ def test_batches_mix_labelled_and_unlabelled_cases_and_every_term_acts(workspace
         assert step["supervised"] > 0 and step["cross_consistency"] > 0 and step["omni_correlation"] >= 0
         assert step["loss"] == pytest.approx(0.5 * step["supervised"] + ramp * step["cross_consistency"]
                                              + 0.05 * ramp * step["omni_correlation"], rel=1e-5)
+    assert result["after_optimizer_step_calls"] == 2
     gradients = result["parameters"]
     assert any(name.startswith("second_network.") and "block.cross_sample" in name and g[1] > 0
                for name, g in gradients.items())
     assert gradients["first_projection.0.weight"][1] is not None
+
+
+def test_pretrained_weights_reach_the_planned_network_and_the_shared_training_modules(workspace, tmp_path):
+    _, env = workspace
+    caml, plain, three_d = (tmp_path / f"{name}.pth" for name in ("caml", "plain", "3d"))
+    probe(env, "checkpoint", "982", "2d", TRAINER, str(caml))
+    probe(env, "checkpoint", "982", "2d", "nnUNetWeakTrainer", str(plain))
+    probe(env, "checkpoint", "982", "3d_fullres", TRAINER, str(three_d))
+
+    # from a CAML run: everything but the segmentation layers (nnU-Net's rule), heads and second network included
+    result = probe(env, "pretrained", "982", "2d", TRAINER, str(caml))
+    assert result["different_planned"] and all(".seg_layers." in k for k in result["different_planned"])
+    assert result["same_planned"] == result["planned_keys"] - len(result["different_planned"])
+    assert result["same_training"] == result["training_keys"] > 0
+    assert result["record"]["file"] == str(caml) and result["record"]["trainer"] == TRAINER
+    assert {"second_network", "first_projection", "memory_bank"} <= set(result["record"]["training_modules"])
+    # from nnU-Net's network alone: the planned network; the training-only modules keep their initialisation
+    result = probe(env, "pretrained", "982", "2d", TRAINER, str(plain))
+    assert all(".seg_layers." in k for k in result["different_planned"]) and result["same_training"] == 0
+    assert result["record"]["training_modules"] == []
+    # another architecture: refused, naming the key
+    refused = subprocess.run([sys.executable, PROBE, "pretrained", "982", "2d", TRAINER, str(three_d)], env=env,
+                             capture_output=True, encoding="utf-8", errors="replace")
+    assert refused.returncode != 0
+    assert "do not fit the planned network" in refused.stderr and "shape" in refused.stderr
 
 
 def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):

@@ -11,7 +11,7 @@ from torch import nn
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.losses.mutual_consistency import sharpen, sharpened_cross_consistency_loss
 from nnunet_weak.networks.ema_teacher import EMATeacher
-from nnunet_weak.networks.training_network import TrainingNetwork
+from nnunet_weak.networks.training_network import TRAINING_WEIGHTS_KEY, TrainingNetwork
 from nnunet_weak.training.schedules import sigmoid_rampup
 from nnunet_weak.training.two_stream import TwoStreamDataLoader, split_batch
 
@@ -167,6 +167,42 @@ def test_ema_teacher_is_checkpointed_with_the_training_state():
     for (name, got), (_, want) in zip(restored.teacher.state_dict().items(), network.teacher.state_dict().items()):
         assert torch.equal(got, want), name
     assert not torch.equal(restored.teacher.network[0].weight, _MeanTeacher().teacher.network[0].weight)
+
+
+def test_one_optimizer_step_hook_is_one_ema_step_and_loaded_weights_reset_the_teacher():
+    from nnunet_weak.training.pretrained_weights import load_pretrained_state
+    torch.manual_seed(0)
+    network = _MeanTeacher().train()
+    before = {k: v.clone() for k, v in network.teacher.network.state_dict().items()}
+    with torch.no_grad():
+        network.inference_network[0].weight.add_(1)
+    network.after_optimizer_step()
+    torch.testing.assert_close(network.teacher.network[0].weight,
+                               0.5 * before["0.weight"] + 0.5 * network.inference_network[0].weight)
+
+    source = _MeanTeacher()
+    with torch.no_grad():
+        source.inference_network[0].weight.mul_(-3)
+    checkpoint = {"network_weights": source.inference_network.state_dict(),
+                  TRAINING_WEIGHTS_KEY: source.training_state_dict()}
+    loaded = load_pretrained_state(network, checkpoint, "a test checkpoint")
+    assert loaded == {"network": 7, "training_modules": ["teacher"]}
+    for (name, student), teacher in zip(network.inference_network.state_dict().items(),
+                                        network.teacher.network.state_dict().values()):
+        assert torch.equal(student, source.inference_network.state_dict()[name]) and torch.equal(teacher, student)
+
+
+def test_pretrained_weights_that_do_not_fit_are_refused_naming_the_key():
+    from nnunet_weak.training.pretrained_weights import load_pretrained_state
+    network = _MeanTeacher()
+    weights = network.inference_network.state_dict()
+    with pytest.raises(UserInputError, match="'0.weight' has shape \\(3, 1, 1, 1\\) there and \\(2, 1, 1, 1\\) here"):
+        load_pretrained_state(network, {"network_weights": {**weights, "0.weight": torch.zeros(3, 1, 1, 1)}}, "x.pth")
+    with pytest.raises(UserInputError, match="it has no '1.running_var'"):
+        load_pretrained_state(network, {"network_weights": {k: v for k, v in weights.items() if k != "1.running_var"}},
+                              "x.pth")
+    with pytest.raises(UserInputError, match="not an nnU-Net checkpoint"):
+        load_pretrained_state(network, {"state_dict": weights}, "x.pth")
 
 
 class _TwoHeads(TrainingNetwork):

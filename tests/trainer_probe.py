@@ -10,6 +10,9 @@ from the environment once, when ``nnunetv2.paths`` is imported. Modes:
   their keys and stream masks.
 - ``resume DATASET CONFIG TRAINER N``: N steps, a checkpoint, a fresh trainer loaded from it; whether
   the two agree on every parameter and optimiser state, and on one more step on the same batch.
+- ``checkpoint DATASET CONFIG TRAINER PATH``: one training step, then the trainer's checkpoint at PATH.
+- ``pretrained DATASET CONFIG TRAINER CHECKPOINT``: a trainer given CHECKPOINT through nnU-Net's
+  ``-pretrained_weights`` path; which of its weights now equal the checkpoint's, and what it recorded.
 - ``initial DATASET CONFIG TRAINER``: a trainer built from a random global state (as ``nnUNetv2_train``
   would be); a checksum of its initial weights, which ``NNUNET_WEAK_SEED`` alone must decide.
 - ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
@@ -69,11 +72,14 @@ def steps(dataset, configuration, trainer_name, count):
     loader = batches(trainer, 0)
     seeded(1)
     losses, compositions = [], []
+    hook_calls = []
+    trainer.after_optimizer_step = (lambda step=trainer.after_optimizer_step: hook_calls.append(1) or step())
     for _ in range(int(count)):
         batch = next(loader)
         compositions.append({"keys": list(batch["keys"]), **stream_masks(batch)})
         losses.append(numbers(trainer.train_step(batch)))
-    print(json.dumps({"losses": losses, "parameters": checksums(trainer), "batches": compositions}))
+    print(json.dumps({"losses": losses, "parameters": checksums(trainer), "batches": compositions,
+                      "after_optimizer_step_calls": len(hook_calls)}))
 
 
 def targets(dataset, configuration, trainer_name, count):
@@ -112,6 +118,34 @@ def resume(dataset, configuration, trainer_name, count):
     print(json.dumps({"same_state": same_state, "same_keys": same_keys, "losses": [after_first, after_second],
                       "same_after_step": same_after,
                       "keys": [k for k in first.network.state_dict() if "block" in k]}))
+
+
+def checkpoint(dataset, configuration, trainer_name, path):
+    """One training step, then the trainer's checkpoint written to PATH."""
+    trainer = make_trainer(dataset, configuration, trainer_name)
+    seeded(1)
+    trainer.train_step(next(batches(trainer, 0)))
+    trainer.save_checkpoint(path)
+    print(json.dumps({"written": path}))
+
+
+def pretrained(dataset, configuration, trainer_name, checkpoint):
+    """A trainer given CHECKPOINT through nnU-Net's own -pretrained_weights path; whether its planned network and
+    its training-only modules now hold the checkpoint's weights, and what it recorded."""
+    from nnunetv2.run import run_training
+    trainer = make_trainer(dataset, configuration, trainer_name)
+    run_training.maybe_load_checkpoint(trainer, False, False, checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)
+    network = trainer.network
+    planned = network.inference_network if hasattr(network, "inference_network") else network
+    own = planned.state_dict()
+    same = [k for k, v in saved["network_weights"].items() if k in own and torch.equal(own[k], v.to(own[k].dtype))]
+    training = network.training_state_dict() if hasattr(network, "training_state_dict") else {}
+    saved_training = saved.get("nnunet_weak_training_weights", {})
+    same_training = [k for k, v in saved_training.items() if k in training and torch.equal(training[k], v)]
+    print(json.dumps({"planned_keys": len(own), "same_planned": len(same), "different_planned":
+                      [k for k in own if k not in same], "training_keys": len(training),
+                      "same_training": len(same_training), "record": trainer.pretrained_weights}))
 
 
 def initial(dataset, configuration, trainer_name):
@@ -180,4 +214,4 @@ def ddp(dataset, configuration, trainer_name):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, *arguments = sys.argv[1:]
-    {"steps": steps, "targets": targets, "resume": resume, "initial": initial, "ddp": ddp}[mode](*arguments)
+    {"steps": steps, "targets": targets, "resume": resume, "checkpoint": checkpoint, "pretrained": pretrained, "initial": initial, "ddp": ddp}[mode](*arguments)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from nnunet_weak.networks.ema_teacher import EMATeacher
+
 TRAINING_WEIGHTS_KEY = "nnunet_weak_training_weights"
 INFERENCE_PREFIX = "inference_network."
 
@@ -40,6 +42,18 @@ class TrainingNetwork(nn.Module):
         """The forward pass of one training batch ``x`` ``(B, C, *patch)``; what the loss needs. Keyword arguments
         come from the trainer's ``training_forward_arguments``."""
         raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer exactly once after every optimiser step: one update of every EMA teacher."""
+        for module in self.modules():
+            if isinstance(module, EMATeacher):
+                module.update()
+
+    def after_weights_loaded(self) -> None:
+        """Called after pre-trained weights replaced the student's: every EMA teacher becomes its copy again."""
+        for module in self.modules():
+            if isinstance(module, EMATeacher):
+                module.reset()
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """Switch deep supervision on every nnU-Net decoder in this module (nnU-Net's trainer does it

@@ -72,6 +72,7 @@ from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.supervision import SupervisionManifest
 from nnunet_weak.training.dense_monitor import DenseValidationMonitor
 from nnunet_weak.training.options import OPTIONS_ENV, trainer_options_from_environment
+from nnunet_weak.training.pretrained_weights import load_pretrained_state, route_pretrained_weights_to
 from nnunet_weak.transforms.image_extent import AppendImageExtentChannel, split_image_extent
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
@@ -143,6 +144,9 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         self.options = trainer_options_from_environment(self.tunable_options, self.__class__.__name__)
         for name, value in self.options.items():
             setattr(self, name, value)
+        #: what -pretrained_weights loaded (source file, loaded parts), recorded with the run
+        self.pretrained_weights: dict | None = None
+        route_pretrained_weights_to(self)
 
     def _register_logged_keys(self) -> None:
         """Add the project's keys to nnU-Net's logger, which refuses keys it was not created with; a key
@@ -239,6 +243,23 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         torch.save(checkpoint, temporary)
         os.replace(temporary, filename)
 
+    def load_pretrained_weights(self, filename: str) -> None:
+        """``nnUNetv2_train -pretrained_weights FILE``: the planned network's weights and those of the training-only
+        modules this trainer shares with the checkpoint's, each part whole or refused with the first key that does
+        not fit; EMA teachers reset to the loaded student (``nnunet_weak.training.pretrained_weights``)."""
+        if not self.was_initialized:
+            self.initialize()
+        path = Path(filename)
+        if not path.is_file():
+            raise UserInputError(f"-pretrained_weights {filename}: no such file. Give the checkpoint of the pre-training "
+                                 f"run (its fold_X/checkpoint_final.pth).")
+        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        loaded = load_pretrained_state(unwrap_network(self.network), checkpoint, str(path))
+        self.pretrained_weights = {"file": str(path.resolve()), "trainer": checkpoint.get("trainer_name"), **loaded}
+        self.print_to_log_file(f"Pre-trained weights from {path} (written by {checkpoint.get('trainer_name')}): the "
+                               f"planned network ({loaded['network']} tensors, segmentation layers excepted)"
+                               + (f" and {', '.join(loaded['training_modules'])}" if loaded["training_modules"] else ""))
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """Restore what :meth:`save_checkpoint` wrote (a path or the loaded dictionary)."""
         if not self.was_initialized:
@@ -289,6 +310,12 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             return target, {"inside_image": inside_image}
         return target, {}
 
+    def after_optimizer_step(self) -> None:
+        """Runs exactly once after every optimiser step; a ``TrainingNetwork`` updates its EMA teachers here."""
+        network = unwrap_network(self.network)
+        if isinstance(network, TrainingNetwork):
+            network.after_optimizer_step()
+
     def training_forward_arguments(self, extras: dict) -> dict:
         """Keyword arguments of the training network's forward pass, from what the batch carries (``extras``, as
         ``compute_training_loss`` receives them); only a ``TrainingNetwork`` takes any."""
@@ -318,6 +345,7 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+        self.after_optimizer_step()
         return {"loss": loss.detach().cpu().numpy(),
                 **{name: value.detach().float().cpu().numpy() for name, value in components.items()}}
 
@@ -453,6 +481,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                     f"{self.options}. Set {OPTIONS_ENV} to the recorded values to continue it, or start a new "
                     f"run without --c."
                 )
+            # a continued run keeps the record of the weights it started from
+            self.pretrained_weights = recorded.get("pretrained_weights")
             if recorded.get("seed") != self.seed:
                 raise RuntimeError(
                     f"This run was started with {SEED_ENV}={recorded.get('seed')} but it is now {self.seed}. Set "
@@ -469,7 +499,8 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         if self.local_rank == 0:
             write_json_atomic({"trainer": self.__class__.__name__, "dataset": self.plans_manager.dataset_name,
                                "configuration": self.configuration_name, "fold": self.fold,
-                               "budget": self.budget.to_json(), "options": self.options, "seed": self.seed},
+                               "budget": self.budget.to_json(), "options": self.options, "seed": self.seed,
+                               "pretrained_weights": self.pretrained_weights},
                               record_file)
 
     # ---- scoring on dense labels ----------------------------------------------------------------
