@@ -7,8 +7,8 @@ import torch
 
 from nnunet_weak.losses.omni_correlation import agreeing_confident_voxels, omni_correlation_loss
 from nnunet_weak.networks.cross_sample_attention import CrossSampleMutualAttention
-from nnunet_weak.networks.decoder_stages import (InterpolatingUpsampling, LastDecoderFeatures,
-                                                 use_interpolating_upsampling)
+from nnunet_weak.networks.decoder_stages import (InterpolatingUpsampling, bottleneck_features, decoder_stage_features,
+                                                 last_decoder_features, use_interpolating_upsampling)
 from nnunet_weak.training.memory_bank import ClassMemoryBank, correctly_predicted_labelled_voxels, evenly_spaced
 
 from conftest import small_unet
@@ -31,15 +31,20 @@ def test_interpolating_upsampling_keeps_every_shape_and_changes_the_output(kind,
         use_interpolating_upsampling(network, mode)
 
 
-def test_last_decoder_features_are_the_input_of_the_final_segmentation_layer():
+def test_feature_taps_record_the_decoder_stages_and_the_bottleneck():
     torch.manual_seed(0)
     network = small_unet("plain", 2)
-    tap = LastDecoderFeatures(network)
+    tap, stages = last_decoder_features(network), decoder_stage_features(network)
+    bottleneck = bottleneck_features(network)
     assert tap.features is None
     network.decoder.deep_supervision = False
-    logits = network(torch.randn(2, 1, 16, 16))
+    x = torch.randn(2, 1, 16, 16)
+    logits = network(x)
     assert tap.features.shape == (2, 4, 16, 16)
     torch.testing.assert_close(network.decoder.seg_layers[-1](tap.features), logits)
+    assert [t.features.shape for t in stages] == [(2, 16, 4, 4), (2, 8, 8, 8), (2, 4, 16, 16)]
+    assert stages[-1].features is tap.features
+    torch.testing.assert_close(bottleneck.features, network.encoder(x)[-1])
 
 
 @pytest.mark.parametrize("dims", [2, 3])

@@ -8,15 +8,16 @@ features below, which are concatenated with the skip and merged by ``stages[s]``
 - :func:`use_interpolating_upsampling` swaps every transposed convolution for interpolation followed by
   a 1×1 convolution (same channels, same output size), the "different up-sampling" that makes CAML's
   two networks disagree usefully while both stay nnU-Net's planned architecture.
-- :class:`LastDecoderFeatures` records the output of the last decoder stage (full resolution, the
-  channels of the first encoder stage), the features that per-voxel projection heads embed.
+- :class:`FeatureTap` records a module's output at every forward pass: the last decoder stage's
+  (:func:`last_decoder_features`, full resolution, what per-voxel heads embed), every decoder stage's, or
+  the bottleneck's (the last encoder stage).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nnunet_weak.networks.encoder_stages import unwrap_network
+from nnunet_weak.networks.encoder_stages import encoder_of, unwrap_network
 
 
 def decoder_of(network: nn.Module) -> nn.Module:
@@ -67,17 +68,34 @@ def use_interpolating_upsampling(network: nn.Module, mode: str = "linear") -> nn
     return network
 
 
-class LastDecoderFeatures:
-    """Records the output of the last decoder stage of ``network`` at every forward pass.
+class FeatureTap:
+    """Records the output of one module of a network at every forward pass: the one way methods read features
+    out of the auto-planned network (:func:`last_decoder_features`, :func:`decoder_stage_features`,
+    :func:`bottleneck_features`).
 
-    ``features`` is ``(B, C_0, *patch)`` (``C_0``: channels of the first encoder stage) after a forward
-    pass, ``None`` before. The hook stays registered for the life of the network; the tensor is kept
-    with its graph, so losses on it reach the network.
+    ``features`` is the module's latest output, ``None`` before the first pass. The hook stays registered for
+    the life of the network; the tensor keeps its graph, so losses on it reach the network.
     """
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, module: nn.Module):
         self.features: torch.Tensor | None = None
-        decoder_of(network).stages[-1].register_forward_hook(self._record)
+        module.register_forward_hook(self._record)
 
     def _record(self, module, inputs, output):
         self.features = output
+
+
+def last_decoder_features(network: nn.Module) -> FeatureTap:
+    """The last decoder stage's output: ``(B, C_0, *patch)`` (``C_0``: channels of the first encoder stage), the
+    input of the full-resolution segmentation layer and what per-voxel heads embed."""
+    return FeatureTap(decoder_of(network).stages[-1])
+
+
+def decoder_stage_features(network: nn.Module) -> list[FeatureTap]:
+    """Every decoder stage's output, coarsest first: ``(B, C_s, *spatial_s)``."""
+    return [FeatureTap(stage) for stage in decoder_of(network).stages]
+
+
+def bottleneck_features(network: nn.Module) -> FeatureTap:
+    """The last encoder stage's output (after any block attached to it): ``(B, C_bottleneck, *coarsest)``."""
+    return FeatureTap(encoder_of(network).stages[-1])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nnunet_weak.networks.cross_sample_attention import CrossSampleMutualAttention
-from nnunet_weak.networks.decoder_stages import LastDecoderFeatures, use_interpolating_upsampling
+from nnunet_weak.networks.decoder_stages import last_decoder_features, use_interpolating_upsampling
 from nnunet_weak.networks.encoder_stages import attach_after_encoder_stage, stage_channels, stage_index_for_stride
 from nnunet_weak.networks.training_network import TrainingNetwork
 from nnunet_weak.training.memory_bank import ClassMemoryBank
@@ -77,8 +77,8 @@ class MutualLearningNetworks(TrainingNetwork):
         self.second_projection = EmbeddingHead(feature_channels, embedding_dim)
         self.second_prediction = EmbeddingHead(embedding_dim, embedding_dim)
         self.memory_bank = ClassMemoryBank(num_classes, embedding_dim, memory_per_class, memory_entries_per_step)
-        self._first_features = LastDecoderFeatures(first)
-        self._second_features = LastDecoderFeatures(second)
+        self._first_features = last_decoder_features(first)
+        self._second_features = last_decoder_features(second)
 
     def training_forward(self, x: torch.Tensor) -> MutualLearningOutput:
         first_logits, second_logits = self.inference_network(x), self.second_network(x)
