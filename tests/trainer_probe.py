@@ -12,7 +12,8 @@ from the environment once, when ``nnunetv2.paths`` is imported. Modes:
   the two agree on every parameter and optimiser state, and on one more step on the same batch.
 - ``checkpoint DATASET CONFIG TRAINER PATH``: one training step, then the trainer's checkpoint at PATH.
 - ``pretrained DATASET CONFIG TRAINER CHECKPOINT``: a trainer given CHECKPOINT through nnU-Net's
-  ``-pretrained_weights`` path; which of its weights now equal the checkpoint's, and what it recorded.
+  ``-pretrained_weights`` path; which of its weights now equal the checkpoint's, whether its EMA teachers
+  equal their students, and what it recorded.
 - ``initial DATASET CONFIG TRAINER``: a trainer built from a random global state (as ``nnUNetv2_train``
   would be); a checksum of its initial weights, which ``NNUNET_WEAK_SEED`` alone must decide.
 - ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
@@ -143,9 +144,14 @@ def pretrained(dataset, configuration, trainer_name, checkpoint):
     training = network.training_state_dict() if hasattr(network, "training_state_dict") else {}
     saved_training = saved.get("nnunet_weak_training_weights", {})
     same_training = [k for k, v in saved_training.items() if k in training and torch.equal(training[k], v)]
+    from nnunet_weak.networks.ema_teacher import EMATeacher
+    teachers_equal_students = [all(torch.equal(a, b) for a, b in zip(m.network.state_dict().values(),
+                                                                      m.student.state_dict().values()))
+                               for m in network.modules() if isinstance(m, EMATeacher)]
     print(json.dumps({"planned_keys": len(own), "same_planned": len(same), "different_planned":
                       [k for k in own if k not in same], "training_keys": len(training),
-                      "same_training": len(same_training), "record": trainer.pretrained_weights}))
+                      "same_training": len(same_training), "record": trainer.pretrained_weights,
+                      "teachers_equal_students": teachers_equal_students}))
 
 
 def initial(dataset, configuration, trainer_name):

@@ -21,20 +21,10 @@ from torch import nn
 
 from nnunet_weak.networks.cross_sample_attention import CrossSampleMutualAttention
 from nnunet_weak.networks.decoder_stages import last_decoder_features, use_interpolating_upsampling
+from nnunet_weak.networks.embedding_head import EmbeddingHead
 from nnunet_weak.networks.encoder_stages import attach_after_encoder_stage, stage_channels, stage_index_for_stride
 from nnunet_weak.networks.training_network import TrainingNetwork
 from nnunet_weak.training.memory_bank import ClassMemoryBank
-
-
-class EmbeddingHead(nn.Sequential):
-    """Linear → BatchNorm1d → ReLU → Linear on per-voxel feature vectors: ``(M, in)`` → ``(M, out)``.
-
-    CAML's projection and prediction heads (width 32; the authors' code does not L2-normalise).
-    """
-
-    def __init__(self, in_features: int, out_features: int = 32):
-        super().__init__(nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.ReLU(inplace=True),
-                         nn.Linear(out_features, out_features))
 
 
 class MutualLearningOutput(NamedTuple):
