@@ -11,7 +11,7 @@ from nnunet_weak.losses.anatomical_contrast import (anatomical_contrast_loss, ne
                                                     sample_negative_classes)
 from nnunet_weak.losses.contrastive_distillation import local_window_embeddings, soft_negative_kl
 from nnunet_weak.losses.pseudo_label import confidence_weighted_pseudo_label_ce
-from nnunet_weak.transforms.cutmix import cutmix, cutmix_boxes
+from nnunet_weak.transforms.strong_view import cutmix, cutmix_boxes, intensity_jitter
 
 
 def cosine(a, b):

@@ -1,18 +1,23 @@
-"""ACTIONPretrainTrainer inside nnU-Net on a tiny semi-supervised phantom: every term acts, the EMA teacher
+"""ACTION's two trainers inside nnU-Net on a tiny semi-supervised phantom: every term acts, the EMA teacher
 moves once per step, queues fill, unlabelled label maps never read, exact resume, the pre-training checkpoint
-loaded through -pretrained_weights with the teacher reset to the student, DDP (gloo, two processes)."""
+loaded by the fine-tuning trainer through -pretrained_weights with its teacher reset to the loaded student,
+DDP (gloo, two processes), stock train → predict with the student alone."""
 import json
 import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import planned_phantom_semi, probe, subprocess_env
+from conftest import BIN, planned_phantom_semi, probe, run_checked, subprocess_env
 
 SEMI = "Dataset962_PhantomSemi"
 PRETRAIN = "ACTIONPretrainTrainer"
+FINETUNE = "ACTIONTrainer"
+#: a threshold the first steps' predictions straddle, so that every class has confident and hard voxels
+STRADDLED = "confidence_threshold=0.3"
 LABELLED = {"phantom_0000", "phantom_0001"}
 
 
@@ -48,15 +53,35 @@ def test_supervised_phase_adds_the_supervised_loss(workspace):
                                              + step["local_distillation"], rel=1e-5)
 
 
-def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_finetuning_terms_act_and_the_teacher_follows_once_per_step(workspace, configuration):
+    _, env = workspace
+    result = probe(dict(env, NNUNET_WEAK_TRAINER_OPTIONS=STRADDLED), "steps", "962", configuration, FINETUNE, "2")
+    assert result["after_optimizer_step_calls"] == 2
+    for composition in result["batches"]:
+        assert [key in LABELLED for key in composition["keys"]] == composition["labelled"]
+    for step in result["losses"]:
+        assert step["supervised"] > 0 and step["pseudo_label"] > 0 and step["anatomical_contrast"] >= 0
+        assert step["loss"] == pytest.approx(step["supervised"] + step["pseudo_label"]
+                                             + 0.01 * step["anatomical_contrast"], rel=1e-5)
+    # a 3D batch (one labelled, one unlabelled crop) may hold a single class with confident voxels: zero then
+    contrasted = [step["anatomical_contrast"] > 0 for step in result["losses"]]
+    assert all(contrasted) if configuration == "2d" else any(contrasted)
+    gradients = result["parameters"]
+    assert (gradients["representation_head.0.weight"][1] > 0) == contrasted[-1]  # the last step's gradient
+    assert all(g is None for name, (_, g) in gradients.items() if name.startswith("teacher"))
+
+
+@pytest.mark.parametrize("trainer", [PRETRAIN, FINETUNE])
+def test_unlabelled_label_maps_are_never_read(workspace, tmp_path, trainer):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     folders, _ = workspace
     copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
     for name in NNUNET_FOLDERS:
         shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
-    env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0",
-                         NNUNET_WEAK_TRAINER_OPTIONS="unsupervised_fraction=0")
-    before = probe(env, "steps", "962", "2d", PRETRAIN, "3")
+    options = "unsupervised_fraction=0" if trainer == PRETRAIN else STRADDLED
+    env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0", NNUNET_WEAK_TRAINER_OPTIONS=options)
+    before = probe(env, "steps", "962", "2d", trainer, "3")
     rng = np.random.default_rng(0)
     preprocessed = copies["nnUNet_preprocessed"] / SEMI / "nnUNetPlans_2d"
     manifest = json.loads((copies["nnUNet_raw"] / SEMI / "supervision.json").read_text(encoding="utf-8"))["cases"]
@@ -64,12 +89,13 @@ def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):
     for case in unlabelled:
         seg = np.asarray(nnUNetDatasetBlosc2(str(preprocessed), [case]).load_case(case)[1])
         nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
-    assert probe(env, "steps", "962", "2d", PRETRAIN, "3") == before
+    assert probe(env, "steps", "962", "2d", trainer, "3") == before
 
 
-def test_resume_restores_teacher_heads_and_queues_exactly(workspace):
+@pytest.mark.parametrize("trainer", [PRETRAIN, FINETUNE])
+def test_resume_restores_teacher_heads_and_queues_exactly(workspace, trainer):
     _, env = workspace
-    result = probe(env, "resume", "962", "2d", PRETRAIN, "3")
+    result = probe(env, "resume", "962", "2d", trainer, "3")
     assert result["same_keys"] and result["same_state"] and result["same_after_step"]
 
 
@@ -77,15 +103,50 @@ def test_the_pretraining_checkpoint_loads_and_the_teacher_restarts_from_the_load
     _, env = workspace
     checkpoint = tmp_path / "pretrained.pth"
     probe(env, "checkpoint", "962", "2d", PRETRAIN, str(checkpoint))
-    result = probe(env, "pretrained", "962", "2d", PRETRAIN, str(checkpoint))
-    assert all(".seg_layers." in k for k in result["different_planned"])
-    assert {"global_head", "local_predictor", "global_queue"} <= set(result["record"]["training_modules"])
-    assert result["teachers_equal_students"] == [True, True, True]
+    again = probe(env, "pretrained", "962", "2d", PRETRAIN, str(checkpoint))
+    assert {"global_head", "local_predictor", "global_queue"} <= set(again["record"]["training_modules"])
+    assert again["teachers_equal_students"] == [True, True, True]
+    # stage B from stage A: the planned network (segmentation layers excepted), the EMA teacher reset to it
+    finetune = probe(env, "pretrained", "962", "2d", FINETUNE, str(checkpoint))
+    assert finetune["different_planned"] and all(".seg_layers." in k for k in finetune["different_planned"])
+    assert finetune["record"]["training_modules"] == ["teacher"] and finetune["record"]["trainer"] == PRETRAIN
+    assert finetune["teachers_equal_students"] == [True]
 
 
-def test_ddp_keeps_student_teacher_heads_and_queues_identical(workspace):
+@pytest.mark.parametrize("trainer", [PRETRAIN, FINETUNE])
+def test_ddp_keeps_student_teacher_heads_and_queues_identical(workspace, trainer):
     _, env = workspace
-    result = probe(env, "ddp", "962", "2d", PRETRAIN)
+    result = probe(dict(env, NNUNET_WEAK_TRAINER_OPTIONS="" if trainer == PRETRAIN else STRADDLED), "ddp", "962",
+                   "2d", trainer)
     assert result["modules_with_parameters_outside_network"] == []
     assert result["different"] == []
     assert [loss["labelled"] for loss in result["losses"]] == [[True, True, False]] * 2
+
+
+@pytest.mark.slow
+def test_stock_pretrain_then_finetune_then_predict_uses_the_student_alone(workspace, tmp_path):
+    folders, env = workspace
+    env = dict(env, nnUNet_n_proc_DA="1")
+    run_checked([BIN / "nnUNetv2_train", "962", "2d", "0", "-tr", PRETRAIN, "-device", "cpu"], env)
+    results = folders["nnUNet_results"] / SEMI
+    pretrained = results / f"{PRETRAIN}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    run_checked([BIN / "nnUNetv2_train", "962", "2d", "0", "-tr", FINETUNE, "-device", "cpu", "-pretrained_weights",
+                 pretrained], env)
+    fold = results / f"{FINETUNE}__nnUNetPlans__2d" / "fold_0"
+    record = json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))
+    assert record["pretrained_weights"]["file"] == str(pretrained.resolve())
+    assert (fold / "validation" / "summary_dense.json").is_file()
+
+    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SEMI / "splits_final.json")
+                                  .read_text(encoding="utf-8"))[0]["val"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in validation_cases:
+        shutil.copy(folders["nnUNet_raw"] / SEMI / "imagesTr" / f"{case}_0000.nii.gz", images)
+    predictions = tmp_path / "predictions"
+    run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "962", "-c", "2d", "-f", "0", "-tr",
+                 FINETUNE, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    for case in validation_cases:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(predicted, validated)

@@ -1,8 +1,12 @@
-"""``-tr ACTIONPretrainTrainer``: ACTION's contrastive-distillation pre-training (You et al., IPMI 2023,
-arXiv 2206.02307; ``../shared/METHODS.md`` §3, stage A), the first stage of a semi-supervised recipe whose
-fine-tuning stage loads its checkpoint through ``nnUNetv2_train ... -pretrained_weights``.
+"""ACTION (You et al., IPMI 2023, arXiv 2206.02307; ``../shared/METHODS.md`` §3): a semi-supervised recipe in two
+stages, chained through nnU-Net's ``-pretrained_weights``::
 
-Semi-supervised: every batch holds labelled and unlabelled samples (``SemiSupervisedTrainer``). The method:
+    nnUNetv2_train D 2d 0 -tr ACTIONPretrainTrainer
+    nnUNetv2_train D 2d 0 -tr ACTIONTrainer -pretrained_weights <pre-training fold_0/checkpoint_final.pth>
+
+Both train on two-stream batches, labelled then unlabelled samples (``SemiSupervisedTrainer``).
+
+``-tr ACTIONPretrainTrainer``, stage A, contrastive distillation:
 
 - **Networks** (``ContrastiveDistillationNetwork``): the planned network (student) with global and local
   projection heads and predictors, an EMA teacher of network and heads (updated once per optimiser step by
@@ -23,10 +27,36 @@ code gives one: ``student_temperature`` 0.1, ``teacher_temperature`` 0.01 (0.6 f
 ``queue_size`` 36; and, where it gives none, ``unsupervised_fraction`` 0.5, ``embedding_dim`` 128,
 ``local_windows_per_axis`` 4 (the output map cut into 4 windows along each axis), ``labelled_per_batch`` (0:
 half the batch).
+
+``-tr ACTIONTrainer``, stage B, fine-tuning with anatomical contrast:
+
+- **Networks** (``AnatomicalContrastNetwork``): the planned network (student), its EMA teacher, whose
+  probabilities on the unlabelled samples are their pseudo-labels, the strong view of the unlabelled samples
+  (CutMix among them, image and pseudo-label with the same boxes, then intensity jitter), and a representation
+  head on the student's decoder features at stride ``representation_stride`` (4).
+- **Loss**: ``L = L_sup + λ_u · L_unsup + λ_anat · L_anat``
+
+  - ``L_sup``: nnU-Net's Dice + CE (deep supervision) on the labelled samples;
+  - ``L_unsup``: ``confidence_weighted_pseudo_label_ce`` of the student's full-resolution output on the strong
+    view against the mixed teacher probabilities, threshold ``confidence_threshold``;
+  - ``L_anat``: ``anatomical_contrast_loss`` on the representation's voxels: labelled voxels with their
+    labels (the deep-supervision target at that resolution; ignore-label voxels left out) and the student's
+    probability of them, unlabelled voxels with the teacher's mixed pseudo-labels and probabilities (both
+    averaged to that resolution); keys are the student's representation, detached.
+
+Options: ``momentum`` 0.99, ``confidence_threshold`` 0.97, ``lambda_unsupervised`` 1, ``lambda_anatomical``
+0.01, ``representation_dim`` 512, ``queries_per_class`` 256, ``negatives_per_query`` 512,
+``anatomical_temperature`` 0.5 (the authors' values), ``cutmix_probability`` 0.5 (UniMatch's box rule),
+``labelled_per_batch``. The released code's second EMA update per step is not reproduced: the base trainer
+updates the teacher exactly once.
 """
 import torch
+from torch.nn import functional as F
 
+from nnunet_weak.losses.anatomical_contrast import anatomical_contrast_loss
 from nnunet_weak.losses.contrastive_distillation import soft_negative_kl
+from nnunet_weak.losses.pseudo_label import confidence_weighted_pseudo_label_ce
+from nnunet_weak.networks.anatomical_contrast import AnatomicalContrastNetwork, AnatomicalContrastOutput
 from nnunet_weak.networks.contrastive_distillation import ContrastiveDistillationNetwork, ContrastiveDistillationOutput
 from nnunet_weak.networks.encoder_stages import unwrap_network
 from nnunet_weak.training.memory_bank import ClassMemoryBank
@@ -77,3 +107,60 @@ class ACTIONPretrainTrainer(SemiSupervisedTrainer):
         total = self.supervised_weight() * supervised + global_distillation + local_distillation
         return total, {"supervised": supervised, "global_distillation": global_distillation,
                        "local_distillation": local_distillation}
+
+
+class ACTIONTrainer(SemiSupervisedTrainer):
+    """ACTION stage B: EMA-teacher pseudo-labels on a CutMixed strong view, and anatomical contrast."""
+
+    tunable_options = {**SemiSupervisedTrainer.tunable_options, "momentum": 0.99, "confidence_threshold": 0.97,
+                       "lambda_unsupervised": 1.0, "lambda_anatomical": 0.01, "representation_dim": 512.0,
+                       "queries_per_class": 256.0, "negatives_per_query": 512.0, "anatomical_temperature": 0.5,
+                       "cutmix_probability": 0.5}
+    training_loss_components = ("supervised", "pseudo_label", "anatomical_contrast")
+    representation_stride = 4
+
+    def _do_i_compile(self):
+        return False
+
+    def training_network(self, network):
+        return AnatomicalContrastNetwork(network, self.representation_stride, int(self.representation_dim),
+                                         self.momentum, self.cutmix_probability)
+
+    def training_forward_arguments(self, extras: dict) -> dict:
+        return {"labelled": extras["labelled"]}
+
+    def compute_training_loss(self, data, target, output: AnatomicalContrastOutput, labelled):
+        targets = target if isinstance(target, list) else [target]
+        if self.enable_deep_supervision:
+            supervised = self.loss([o[labelled] for o in output.logits], [t[labelled] for t in targets])
+        else:
+            supervised = self.loss(output.logits[0][labelled], targets[0][labelled])
+        pseudo_label = confidence_weighted_pseudo_label_ce(output.logits[0][~labelled].float(),
+                                                           output.pseudo_probabilities, self.confidence_threshold)
+        anatomical = self._anatomical_contrast(output, targets, labelled)
+        total = supervised + self.lambda_unsupervised * pseudo_label + self.lambda_anatomical * anatomical
+        return total, {"supervised": supervised, "pseudo_label": pseudo_label, "anatomical_contrast": anatomical}
+
+    def _anatomical_contrast(self, output: AnatomicalContrastOutput, targets: list, labelled) -> torch.Tensor:
+        """``L_anat`` over the representation's voxels (labels and their probabilities as the class docstring says)."""
+        representation = output.representation
+        size = representation.shape[2:]
+        student = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool3d
+        student_probabilities = student(torch.softmax(output.logits[0].detach().float(), 1), size)
+        pseudo_probabilities = student(output.pseudo_probabilities, size)
+        at_size = [t for t in targets if t.shape[2:] == size]
+        labels = (at_size[0] if at_size else F.interpolate(targets[0].float(), size=size, mode="nearest"))
+        labels = labels[labelled][:, 0].long()
+        ignore = self.label_manager.ignore_label
+        annotated = labels != ignore if ignore is not None else torch.ones_like(labels, dtype=torch.bool)
+        labelled_confidence = torch.gather(student_probabilities[labelled], 1,
+                                           labels.clamp(max=student_probabilities.shape[1] - 1)[:, None])[:, 0]
+        pseudo_confidence, pseudo_labels = pseudo_probabilities.max(1)
+        voxels = representation.movedim(1, -1)
+        queries = torch.cat((voxels[labelled][annotated], voxels[~labelled].reshape(-1, voxels.shape[-1])))
+        classes = torch.cat((labels[annotated], pseudo_labels.flatten()))
+        confidence = torch.cat((labelled_confidence[annotated], pseudo_confidence.flatten()))
+        return anatomical_contrast_loss(queries.float(), queries.detach().float(), classes, confidence,
+                                        self.label_manager.num_segmentation_heads, self.confidence_threshold,
+                                        int(self.queries_per_class), int(self.negatives_per_query),
+                                        self.anatomical_temperature)

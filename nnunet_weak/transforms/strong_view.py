@@ -1,4 +1,5 @@
-"""CutMix between the samples of a batch, image and label map cut by the same box (ACTION fine-tuning's strong view).
+"""The strong view of ACTION's fine-tuning: CutMix between the samples of a batch, image and label map cut by the
+same box, and intensity jitter.
 
 Sample ``b`` keeps its own content outside a random box and takes sample ``π(b)``'s inside it, ``π`` a random
 permutation of the batch; the box is applied to the images and to their (pseudo-)label maps alike, so that
@@ -54,3 +55,21 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, perm
     mixed_images = torch.where(boxes[:, None], images[permutation], images)
     box_for_labels = boxes if labels.dim() == boxes.dim() else boxes[:, None]
     return mixed_images, torch.where(box_for_labels, labels[permutation], labels)
+
+
+def intensity_jitter(images: torch.Tensor, strength: float = 0.2, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+    """Random contrast and brightness per sample and channel: ``x · (1 + s·u₁) + s·u₂ · std(x)`` with ``u₁, u₂``
+    uniform in ``[-1, 1]`` (the colour jitter of ACTION's strong view, for single-channel medical images).
+
+    Args:
+        images: ``(B, C, *spatial)``.
+        strength: ``s`` in ``[0, 1)``.
+    """
+    if not 0 <= strength < 1:
+        raise ValueError(f"strength must be in [0, 1), got {strength}")
+    shape = (*images.shape[:2], *[1] * (images.dim() - 2))
+    contrast = 1 + strength * (2 * torch.rand(shape, generator=generator) - 1)
+    brightness = strength * (2 * torch.rand(shape, generator=generator) - 1)
+    spread = images.detach().flatten(2).std(2).view(shape)
+    return images * contrast.to(images) + brightness.to(images) * spread
