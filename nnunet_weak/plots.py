@@ -95,7 +95,7 @@ def class_colours(class_labels: dict[str, int]) -> dict[str, str]:
 
 def case_overlay_figure(cases: list[CaseOverlay], class_labels: dict[str, int]):
     """Rows of cases; columns: the image, the dense truth and each method's prediction over it, one class legend."""
-    from matplotlib.colors import ListedColormap, to_rgba
+    from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
     methods = list(cases[0].predictions)
     colours = class_colours(class_labels)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
@@ -95,6 +98,26 @@ def planned_phantom_semi(root: Path, dense_id: int, semi_id: int, configurations
     run_checked([BIN / "nnunet-weak", "plan_and_preprocess", "-d", str(semi_id), "-c", *configurations, "-np", "2",
                  "--plans_from", str(dense_id)], env)
     return folders, env
+
+
+def assert_predictor_reproduces_validation(folders: dict, env: dict, dataset: str, trainer: str, work: Path) -> None:
+    """``nnUNetv2_predict`` of fold 0's validation cases (2d, final checkpoint) gives exactly the predictions of the
+    trainer's own validation: the rebuilt network is the one that was validated."""
+    dataset_id = dataset[len("Dataset"):len("Dataset") + 3]
+    fold = folders["nnUNet_results"] / dataset / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+    validation_cases = json.loads((folders["nnUNet_preprocessed"] / dataset / "splits_final.json")
+                                  .read_text(encoding="utf-8"))[0]["val"]
+    images = work / "images"
+    images.mkdir()
+    for case in validation_cases:
+        shutil.copy(folders["nnUNet_raw"] / dataset / "imagesTr" / f"{case}_0000.nii.gz", images)
+    predictions = work / "predictions"
+    run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", dataset_id, "-c", "2d", "-f", "0",
+                 "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    for case in validation_cases:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(predicted, validated)
 
 
 def small_unet(kind, dims):

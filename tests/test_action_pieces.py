@@ -175,3 +175,22 @@ def test_cutmix_moves_image_and_label_with_the_same_box(spatial):
     assert torch.equal(mixed_images[:, 0].long(), mixed_labels) and torch.equal(mixed_images[:, 1].long(), mixed_labels)
     expected = torch.where(boxes, permutation.view(64, *[1] * len(spatial)), torch.arange(64).view(64, *[1] * len(spatial)))
     assert torch.equal(mixed_labels, expected)
+
+
+def test_intensity_jitter_is_an_affine_change_per_sample_and_channel_within_its_strength():
+    torch.manual_seed(8)
+    images = torch.randn(16, 2, 8, 8) * 3 + 1
+    jittered = intensity_jitter(images, 0.2, torch.Generator().manual_seed(0))
+    contrasts, offsets = [], []
+    for b in range(16):
+        for c in range(2):
+            x, y = images[b, c].flatten().double(), jittered[b, c].flatten().double()
+            contrast = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+            offset = float(y.mean() - contrast * x.mean())
+            torch.testing.assert_close(y, contrast * x + offset)  # affine
+            contrasts.append(contrast)
+            offsets.append(offset / float(x.std()))
+    assert 0.8 <= min(contrasts) and max(contrasts) <= 1.2 and max(abs(o) for o in offsets) <= 0.2 + 1e-6
+    assert np.std(contrasts) > 0.02 and np.std(offsets) > 0.02  # random per sample and channel
+    with pytest.raises(ValueError):
+        intensity_jitter(images, 1.5)

@@ -7,11 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import BIN, planned_phantom_semi, probe, run_checked, subprocess_env
+from conftest import BIN, assert_predictor_reproduces_validation, planned_phantom_semi, probe, run_checked, subprocess_env
 
 SEMI = "Dataset962_PhantomSemi"
 PRETRAIN = "ACTIONPretrainTrainer"
@@ -137,16 +136,4 @@ def test_stock_pretrain_then_finetune_then_predict_uses_the_student_alone(worksp
     assert record["pretrained_weights"]["file"] == str(pretrained.resolve())
     assert (fold / "validation" / "summary_dense.json").is_file()
 
-    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SEMI / "splits_final.json")
-                                  .read_text(encoding="utf-8"))[0]["val"]
-    images = tmp_path / "images"
-    images.mkdir()
-    for case in validation_cases:
-        shutil.copy(folders["nnUNet_raw"] / SEMI / "imagesTr" / f"{case}_0000.nii.gz", images)
-    predictions = tmp_path / "predictions"
-    run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "962", "-c", "2d", "-f", "0", "-tr",
-                 FINETUNE, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    for case in validation_cases:
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
-        validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
-        np.testing.assert_array_equal(predicted, validated)
+    assert_predictor_reproduces_validation(folders, env, SEMI, FINETUNE, tmp_path)

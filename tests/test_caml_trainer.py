@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import BIN, PROBE, planned_phantom_semi, probe, run_checked, subprocess_env
+from conftest import BIN, assert_predictor_reproduces_validation, PROBE, planned_phantom_semi, probe, run_checked, subprocess_env
 
 SEMI = "Dataset982_PhantomSemi"
 TRAINER = "CAMLTrainer"
@@ -124,15 +123,4 @@ def test_stock_train_then_predict_uses_the_first_network_only(workspace, tmp_pat
     assert json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))["options"]["lambda_omni"] == 0.1
     assert (fold / "validation" / "summary_dense.json").is_file()
 
-    validation_cases = json.loads((folders["nnUNet_preprocessed"] / SEMI / "splits_final.json").read_text(encoding="utf-8"))[0]["val"]
-    images = tmp_path / "images"
-    images.mkdir()
-    for case in validation_cases:
-        shutil.copy(folders["nnUNet_raw"] / SEMI / "imagesTr" / f"{case}_0000.nii.gz", images)
-    predictions = tmp_path / "predictions"
-    run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", "982", "-c", "2d", "-f", "0", "-tr",
-                 TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    for case in validation_cases:
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
-        validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
-        np.testing.assert_array_equal(predicted, validated)
+    assert_predictor_reproduces_validation(folders, env, SEMI, TRAINER, tmp_path)

@@ -104,31 +104,13 @@ class MixedSupervisionTrainer(TwoStreamTrainer):
     """nnU-Net on strong + weak batches whose targets carry each sample's weak map beside its ``labelsTr`` map."""
 
     streams = ("strong", "weak")
+    stream_supervision = (("dense",), ("sparse",))
+    conversion_hint = "--supervision mixed --labelled_count N"
     second_stream_unannotated = False
     tunable_options = {"strong_per_batch": 0.0}
 
     def first_stream_per_batch(self) -> int:
         return self.strong_per_batch
-
-    def stream_keys(self) -> tuple[list[str], list[str], list[str]]:
-        """This fold's strong and weak training cases, from one split and the supervision manifest, and its
-        labelled validation cases."""
-        manifest = self.supervision_manifest
-        if manifest is None:
-            raise UserInputError(
-                f"{self.__class__.__name__} needs to know which cases are densely labelled, from the supervision "
-                f"manifest of {self.plans_manager.dataset_name} in nnUNet_raw, which was not found. Convert the dataset "
-                f"with 'nnunet-weak convert ... --supervision mixed' and keep its raw folder in nnUNet_raw.")
-        tr_keys, val_keys = self.do_split()
-        dense, sparse = set(manifest.cases_with("dense")), set(manifest.cases_with("sparse"))
-        strong, weak = [k for k in tr_keys if k in dense], [k for k in tr_keys if k in sparse]
-        for kind, keys in (("densely labelled (strong)", strong), ("weakly labelled", weak)):
-            if not keys:
-                raise UserInputError(
-                    f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {kind} training case, so its batches "
-                    f"cannot mix strong and weak samples. Check the supervision manifest (convert with --supervision "
-                    f"mixed) and the split (splits_final.json).")
-        return strong, weak, [k for k in val_keys if manifest.cases[k].is_labelled]
 
     def training_target_folder(self) -> str:
         """Write this run's weak maps (rank 0; the other ranks wait) and return their folder."""

@@ -34,10 +34,31 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
     streams: tuple[str, str] = ("labelled", "unlabelled")
     second_stream_unannotated = True  # unlabelled cases: uniform crops, no foreground oversampling
 
+    #: the manifest's supervision kinds of the first and of the second stream's cases
+    stream_supervision: tuple[tuple[str, ...], tuple[str, ...]] = (("dense", "sparse"), ("unlabelled",))
+    #: the ``nnunet-weak convert`` option that makes a dataset with both kinds, for the error messages
+    conversion_hint = "--supervision semi --labelled_count N"
+
     def stream_keys(self) -> tuple[list[str], list[str], list[str]]:
-        """This fold's training cases of the first and of the second stream, and the validation cases nnU-Net's
-        per-epoch pseudo-Dice may use."""
-        raise NotImplementedError
+        """This fold's training cases of the first and of the second stream (``stream_supervision``, from one split
+        and the supervision manifest), and its labelled validation cases, which nnU-Net's per-epoch pseudo-Dice
+        may use."""
+        manifest = self.supervision_manifest
+        if manifest is None:
+            raise UserInputError(
+                f"{self.__class__.__name__} needs the supervision manifest of {self.plans_manager.dataset_name} in "
+                f"nnUNet_raw to tell {self.streams[0]} from {self.streams[1]} cases, and it was not found. Convert "
+                f"the dataset with 'nnunet-weak convert ... {self.conversion_hint}' and keep its raw folder in "
+                f"nnUNet_raw.")
+        tr_keys, val_keys = self.do_split()
+        streams = [[k for k in tr_keys if manifest.cases[k].supervision in kinds] for kinds in self.stream_supervision]
+        for name, keys in zip(self.streams, streams):
+            if not keys:
+                raise UserInputError(
+                    f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {name} training case, so its batches "
+                    f"cannot mix {self.streams[0]} and {self.streams[1]} samples. Check the supervision manifest "
+                    f"('nnunet-weak convert ... {self.conversion_hint}') and the split (splits_final.json).")
+        return streams[0], streams[1], [k for k in val_keys if manifest.cases[k].is_labelled]
 
     def first_stream_per_batch(self) -> int:
         """Samples of the first stream per batch (0: half the batch, rounded up)."""
@@ -116,27 +137,6 @@ class SemiSupervisedTrainer(TwoStreamTrainer):
 
     trains_on_unlabelled_cases = True
     tunable_options = {"labelled_per_batch": 0.0}
-
-    def stream_keys(self) -> tuple[list[str], list[str], list[str]]:
-        """This fold's labelled training cases, unlabelled training cases and labelled validation cases,
-        from one split and the supervision manifest."""
-        manifest = self.supervision_manifest
-        if manifest is None:
-            raise UserInputError(
-                f"{self.__class__.__name__} needs to know which cases are unlabelled, from the supervision manifest "
-                f"of {self.plans_manager.dataset_name} in nnUNet_raw, which was not found. Convert the dataset with "
-                f"'nnunet-weak convert ... --supervision semi' and keep its raw folder in nnUNet_raw.")
-        tr_keys, val_keys = self.do_split()
-        unlabelled_cases = set(manifest.cases_with("unlabelled"))
-        labelled = [k for k in tr_keys if k not in unlabelled_cases]
-        unlabelled = [k for k in tr_keys if k in unlabelled_cases]
-        for kind, keys in (("labelled", labelled), ("unlabelled", unlabelled)):
-            if not keys:
-                raise UserInputError(
-                    f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {kind} training case, so its batches "
-                    f"cannot mix labelled and unlabelled samples. Check the supervision manifest (--labelled_count) "
-                    f"and the split (splits_final.json).")
-        return labelled, unlabelled, [k for k in val_keys if k not in unlabelled_cases]
 
     def first_stream_per_batch(self) -> int:
         return self.labelled_per_batch
