@@ -4,13 +4,16 @@ loaded by the fine-tuning trainer through -pretrained_weights with its teacher r
 DDP (gloo, two processes), stock train → predict with the student alone."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import BIN, assert_predictor_reproduces_validation, planned_phantom_semi, probe, run_checked, subprocess_env
+from conftest import (BIN, PROBE, assert_predictor_reproduces_validation, planned_phantom_semi, probe, run_checked,
+                      subprocess_env)
 
 SEMI = "Dataset962_PhantomSemi"
 PRETRAIN = "ACTIONPretrainTrainer"
@@ -137,3 +140,12 @@ def test_stock_pretrain_then_finetune_then_predict_uses_the_student_alone(worksp
     assert (fold / "validation" / "summary_dense.json").is_file()
 
     assert_predictor_reproduces_validation(folders, env, SEMI, FINETUNE, tmp_path)
+
+
+def test_a_mixed_supervision_trainer_refuses_a_dataset_without_weak_cases(workspace):
+    _, env = workspace
+    refused = subprocess.run([sys.executable, PROBE, "steps", "962", "2d", "ConfKDTrainer", "1"], env=env,
+                             capture_output=True, encoding="utf-8", errors="replace")
+    assert refused.returncode != 0
+    assert "has no weak training case, so its batches cannot mix strong and weak samples" in refused.stderr
+    assert "--supervision mixed" in refused.stderr
