@@ -118,8 +118,9 @@ def test_the_pretraining_checkpoint_loads_and_the_teacher_restarts_from_the_load
 @pytest.mark.parametrize("trainer", [PRETRAIN, FINETUNE])
 def test_ddp_keeps_student_teacher_heads_and_queues_identical(workspace, trainer):
     _, env = workspace
+    # several steps: the queues fill from both ranks and the teacher follows the synchronised student
     result = probe(dict(env, NNUNET_WEAK_TRAINER_OPTIONS="" if trainer == PRETRAIN else STRADDLED), "ddp", "962",
-                   "2d", trainer)
+                   "2d", trainer, "3")
     assert result["modules_with_parameters_outside_network"] == []
     assert result["different"] == []
     assert [loss["labelled"] for loss in result["losses"]] == [[True, True, False]] * 2

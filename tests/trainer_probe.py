@@ -16,9 +16,9 @@ from the environment once, when ``nnunetv2.paths`` is imported. Modes:
   equal their students, and what it recorded.
 - ``initial DATASET CONFIG TRAINER``: a trainer built from a random global state (as ``nnUNetv2_train``
   would be); a checksum of its initial weights, which ``NNUNET_WEAK_SEED`` alone must decide.
-- ``ddp DATASET CONFIG TRAINER``: two gloo processes, the trainer's network wrapped in DDP as nnU-Net
-  does, one step each on different batches; whether every parameter and buffer ended identical on
-  both ranks, and each rank's stream mask.
+- ``ddp DATASET CONFIG TRAINER [STEPS]``: two gloo processes, the trainer's network wrapped in DDP as
+  nnU-Net does, STEPS steps (default 1) each on different batches; whether every parameter and buffer
+  ended identical on both ranks, and each rank's last loss and stream mask.
 """
 import json
 import os
@@ -162,7 +162,7 @@ def initial(dataset, configuration, trainer_name):
     print(json.dumps({"checksum": float(sum(p.detach().double().sum() for p in trainer.network.parameters()))}))
 
 
-def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
+def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file, steps):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     trainer = make_trainer(dataset, configuration, trainer_name)
@@ -175,8 +175,9 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
     trainer.network = DistributedDataParallel(trainer.network)
     loader = batches(trainer, 100 + rank)
     seeded(rank)
-    batch = next(loader)
-    output = numbers(trainer.train_step(batch))
+    for _ in range(steps):
+        batch = next(loader)
+        output = numbers(trainer.train_step(batch))
     output.update(stream_masks(batch))
     # per parameter and buffer (memory banks, normalisation statistics), its value on rank 0 and on rank 1
     state = trainer.network.state_dict()
@@ -206,13 +207,14 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file):
     dist.destroy_process_group()
 
 
-def ddp(dataset, configuration, trainer_name):
+def ddp(dataset, configuration, trainer_name, steps="1"):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result_file = os.path.join(tempfile.mkdtemp(), "ddp.json")
-    torch.multiprocessing.spawn(_ddp_worker, args=(dataset, configuration, trainer_name, port, result_file), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(dataset, configuration, trainer_name, port, result_file, int(steps)),
+                                nprocs=2)
     with open(result_file) as handle:
         print(json.dumps(json.load(handle)))
 
