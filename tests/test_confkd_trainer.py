@@ -197,7 +197,7 @@ def test_resume_restores_both_decoders_exactly(workspace):
 
 def test_ddp_keeps_both_decoders_in_sync_with_strong_and_weak_samples_per_rank(workspace):
     _, env = workspace
-    result = probe(env, "ddp", "972", "2d", TRAINER)
+    result = probe(env, "ddp", "972", "2d", TRAINER, "3")
     assert result["modules_with_parameters_outside_network"] == []
     assert result["different"] == []
     assert [loss["strong"] for loss in result["losses"]] == [[True, True, False]] * 2
