@@ -11,7 +11,7 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.losses.attentive_similarity import (attention_log_normaliser, attentive_affinity_matrix,
                                                      attentive_similarity_loss, dense_attentive_similarity_loss)
-from nnunet_weak.losses.gated_crf import masked_gated_crf_loss, min_max_rescaled
+from nnunet_weak.losses.gated_crf import masked_gated_crf_loss
 from nnunet_weak.losses.local_window import LocalWindow, window_tiles
 from nnunet_weak.networks.encoder_stages import (StageWithBlock, attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)

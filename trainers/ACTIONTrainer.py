@@ -58,6 +58,7 @@ from nnunet_weak.losses.contrastive_distillation import soft_negative_kl
 from nnunet_weak.losses.pseudo_label import confidence_weighted_pseudo_label_ce
 from nnunet_weak.networks.anatomical_contrast import AnatomicalContrastNetwork, AnatomicalContrastOutput
 from nnunet_weak.networks.contrastive_distillation import ContrastiveDistillationNetwork, ContrastiveDistillationOutput
+from nnunet_weak.networks.decoder_stages import per_scale
 from nnunet_weak.networks.encoder_stages import unwrap_network
 from nnunet_weak.training.memory_bank import ClassMemoryBank
 from nnunet_weak.training.semi_supervised import SemiSupervisedTrainer
@@ -97,7 +98,7 @@ class ACTIONPretrainTrainer(SemiSupervisedTrainer):
 
     def compute_training_loss(self, data, target, output: ContrastiveDistillationOutput, labelled):
         network: ContrastiveDistillationNetwork = unwrap_network(self.network)
-        targets = target if isinstance(target, list) else [target]
+        targets = per_scale(target)
         if self.enable_deep_supervision:
             supervised = self.loss([o[labelled] for o in output.logits], [t[labelled] for t in targets])
         else:
@@ -130,7 +131,7 @@ class ACTIONTrainer(SemiSupervisedTrainer):
         return {"labelled": extras["labelled"]}
 
     def compute_training_loss(self, data, target, output: AnatomicalContrastOutput, labelled):
-        targets = target if isinstance(target, list) else [target]
+        targets = per_scale(target)
         if self.enable_deep_supervision:
             supervised = self.loss([o[labelled] for o in output.logits], [t[labelled] for t in targets])
         else:

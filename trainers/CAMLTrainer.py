@@ -31,6 +31,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_weak.losses.mutual_consistency import sharpened_cross_consistency_loss
 from nnunet_weak.losses.omni_correlation import agreeing_confident_voxels, omni_correlation_loss
+from nnunet_weak.networks.decoder_stages import per_scale
 from nnunet_weak.networks.encoder_stages import unwrap_network
 from nnunet_weak.networks.mutual_learning import MutualLearningNetworks, MutualLearningOutput
 from nnunet_weak.training.memory_bank import correctly_predicted_labelled_voxels, evenly_spaced
@@ -77,7 +78,7 @@ class CAMLTrainer(SemiSupervisedTrainer):
         return sigmoid_rampup(self.current_epoch, self.consistency_rampup * self.num_epochs)
 
     def compute_training_loss(self, data, target, output: MutualLearningOutput, labelled):
-        targets = target if isinstance(target, list) else [target]
+        targets = per_scale(target)
         supervised = (self._labelled_loss(output.first_logits, targets, labelled)
                       + self._labelled_loss(output.second_logits, targets, labelled))
         first = torch.softmax(output.first_logits[0].float(), dim=1)

@@ -31,13 +31,9 @@ the checkpoint, the validation and ``nnUNetv2_predict`` use the teacher).
 import torch
 
 from nnunet_weak.losses.confidence_distillation import prediction_entropy, teacher_student_kl
+from nnunet_weak.networks.decoder_stages import per_scale
 from nnunet_weak.networks.second_decoder import TwoDecoderNetwork
 from nnunet_weak.training.mixed_supervision import MixedSupervisionTrainer
-
-
-def per_scale(output) -> list:
-    """A decoder's output as a list per deep-supervision scale (one entry without deep supervision)."""
-    return output if isinstance(output, (list, tuple)) else [output]
 
 
 class ConfKDTrainer(MixedSupervisionTrainer):

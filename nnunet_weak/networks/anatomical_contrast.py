@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nnunet_weak.networks.decoder_stages import decoder_stage_features
+from nnunet_weak.networks.decoder_stages import decoder_stage_features, per_scale
 from nnunet_weak.networks.ema_teacher import EMATeacher
 from nnunet_weak.networks.encoder_stages import cumulative_stage_strides, unwrap_network
 from nnunet_weak.networks.training_network import TrainingNetwork
@@ -96,5 +96,5 @@ class AnatomicalContrastNetwork(TrainingNetwork):
         strong = x.clone()
         strong[unlabelled] = intensity_jitter(mixed, self.jitter_strength)
         logits = self.inference_network(strong)
-        return AnatomicalContrastOutput(logits if isinstance(logits, (list, tuple)) else [logits], mixed_probabilities,
+        return AnatomicalContrastOutput(per_scale(logits), mixed_probabilities,
                                         self.representation())

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nnunet_weak.losses.contrastive_distillation import local_window_embeddings
-from nnunet_weak.networks.decoder_stages import bottleneck_features, last_decoder_features
+from nnunet_weak.networks.decoder_stages import bottleneck_features, last_decoder_features, per_scale
 from nnunet_weak.networks.ema_teacher import EMATeacher
 from nnunet_weak.networks.embedding_head import EmbeddingHead
 from nnunet_weak.networks.encoder_stages import stage_channels, unwrap_network
@@ -97,7 +97,7 @@ class ContrastiveDistillationNetwork(TrainingNetwork):
             teacher_local = self.teacher_local_head(
                 local_window_embeddings(self._teacher_output_map.features, self.local_window))
         return ContrastiveDistillationOutput(
-            logits if isinstance(logits, (list, tuple)) else [logits],
+            per_scale(logits),
             self.global_predictor(self.global_head(global_average(self._student_bottleneck.features))),
             teacher_global,
             self.local_predictor(self.local_head(student_local)),

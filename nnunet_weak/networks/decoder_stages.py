@@ -68,6 +68,12 @@ def use_interpolating_upsampling(network: nn.Module, mode: str = "linear") -> nn
     return network
 
 
+def per_scale(output) -> list:
+    """An nnU-Net decoder's output (or its targets) as a list per deep-supervision scale, full resolution first:
+    the list itself with deep supervision, a one-element list of the single tensor without."""
+    return list(output) if isinstance(output, (list, tuple)) else [output]
+
+
 class FeatureTap:
     """Records the output of one module of a network at every forward pass: the one way methods read features
     out of the auto-planned network (:func:`last_decoder_features`, :func:`decoder_stage_features`,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nnunet_weak.networks.cross_sample_attention import CrossSampleMutualAttention
-from nnunet_weak.networks.decoder_stages import last_decoder_features, use_interpolating_upsampling
+from nnunet_weak.networks.decoder_stages import last_decoder_features, per_scale, use_interpolating_upsampling
 from nnunet_weak.networks.embedding_head import EmbeddingHead
 from nnunet_weak.networks.encoder_stages import attach_after_encoder_stage, stage_channels, stage_index_for_stride
 from nnunet_weak.networks.training_network import TrainingNetwork
@@ -72,8 +72,7 @@ class MutualLearningNetworks(TrainingNetwork):
 
     def training_forward(self, x: torch.Tensor) -> MutualLearningOutput:
         first_logits, second_logits = self.inference_network(x), self.second_network(x)
-        listed = (lambda out: out if isinstance(out, (list, tuple)) else [out])
-        return MutualLearningOutput(listed(first_logits), listed(second_logits), self._first_features.features,
+        return MutualLearningOutput(per_scale(first_logits), per_scale(second_logits), self._first_features.features,
                                     self._second_features.features)
 
     def heads(self) -> list[nn.Module]:
