@@ -220,17 +220,36 @@ def _nifti_size_promised(header: bytes) -> int | None:
     return max(offset, 348) + voxels * bitpix // 8
 
 
+def _gzip_trailer_matches_header(path: Path) -> bool:
+    """Whether a ``.nii.gz``'s gzip trailer (ISIZE: uncompressed size mod 2³²) equals its NIfTI header's promise."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            promised = _nifti_size_promised(stream.read(540))
+        with open(path, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            recorded = struct.unpack("<I", raw.read(4))[0]
+    except (EOFError, OSError, zlib.error):
+        return False
+    return promised is not None and recorded == promised % (1 << 32)
+
+
 def check_file_complete(path: Path) -> None:
     """Refuse a NIfTI file cut short, compressed or not, and a gzip stream that does not end with its checksum.
 
     SimpleITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills what is missing with
     zeros; a label read that way loses classes silently. NRRD, DICOM, PNG and HDF5 readers fail on
     their own.
+
+    A ``.nii.gz`` whose gzip trailer records the uncompressed size its NIfTI header promises (modulo 2³²) is
+    taken as whole without decompressing it; a cut file's last bytes are compressed data, which match that
+    size by chance once in 2³². Any other ``.gz`` is decompressed to its end, which checks its CRC.
     """
     name = path.name.lower()
     if not name.endswith((".gz", ".nii")):
         return
     fix = "Replace it with an intact copy (download or copy it again)."
+    if name.endswith(".nii.gz") and _gzip_trailer_matches_header(path):
+        return
     if name.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as stream:
