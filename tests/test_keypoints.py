@@ -1,5 +1,5 @@
-"""KAF's in-network keypoints: the corners of a synthetic image, a fixed budget per slice, independent of the
-batch, and moving with the image under flips, rotations and scaling."""
+"""KAF's in-network keypoints (the corners of a synthetic image, a fixed budget per slice, independent of the
+batch, moving with the image under flips, rotations and scaling) and its keypoint fusion layer."""
 import pytest
 import torch
 
@@ -70,3 +70,41 @@ def test_bad_arguments_are_refused():
         detect_keypoints(rectangles_image(), 4, nms_size=4)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         detect_keypoints(torch.zeros(1, SIZE, SIZE), 4)
+
+
+def fusion_inputs(seed=0):
+    from nnunet_weak.networks.keypoint_fusion import KeypointFusion
+    torch.manual_seed(seed)
+    fusion = KeypointFusion(in_channels=6, out_channels=5, dim=16, heads=4, layers=2).eval()
+    features = torch.randn(3, 6, 8, 8)
+    keypoints = torch.randint(0, SIZE, (3, 10, 2))
+    return fusion, features, keypoints
+
+
+def test_fusion_concatenates_a_keypoint_map_that_is_zero_away_from_the_keypoints():
+    fusion, features, keypoints = fusion_inputs()
+    captured = {}
+    fusion.refine.register_forward_pre_hook(lambda module, inputs: captured.setdefault("map", inputs[0]))
+    output = fusion(features, keypoints, (SIZE, SIZE))
+    assert output.shape == (3, 11, 8, 8)
+    assert torch.equal(output[:, :6], features)
+    occupied = captured["map"].abs().sum(1) > 0  # (B, 8, 8)
+    for b in range(3):
+        cells = {(int(y) * 8 // SIZE, int(x) * 8 // SIZE) for y, x in keypoints[b]}
+        assert {tuple(c) for c in torch.nonzero(occupied[b]).tolist()} == cells
+
+
+def test_fusion_ignores_keypoint_order_and_the_rest_of_the_batch():
+    fusion, features, keypoints = fusion_inputs(1)
+    with torch.no_grad():
+        output = fusion(features, keypoints, (SIZE, SIZE))
+        shuffled = fusion(features, keypoints[:, torch.randperm(10)], (SIZE, SIZE))
+        alone = fusion(features[1:2], keypoints[1:2], (SIZE, SIZE))
+    torch.testing.assert_close(shuffled, output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone[0], output[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_refuses_mismatched_inputs():
+    fusion, features, keypoints = fusion_inputs()
+    with pytest.raises(ValueError, match="keypoints"):
+        fusion(features, keypoints[:2], (SIZE, SIZE))

@@ -1,0 +1,63 @@
+"""KAF's keypoint-augmented fusion layer (Yang et al., NeurIPS 2023, §3; ``../shared/METHODS.md`` §4).
+
+After an encoder stage with features ``F`` ``(B, C, h, w)``, for the keypoints ``p`` ``(B, K, 2)`` of the input
+slice (``nnunet_weak.networks.keypoints``, in input pixels):
+
+1. scale the keypoints to the stage's grid and gather ``F`` there: ``(B, K, C)``;
+2. project to ``dim`` and add a learned encoding of the keypoints' positions (an MLP on their coordinates
+   normalised to ``[-1, 1]``);
+3. ``layers`` layers of multi-head self-attention among the ``K`` keypoints of each slice (a transformer
+   encoder, ``heads`` heads);
+4. scatter the result back onto an ``(B, dim, h, w)`` map (zero away from keypoints; keypoints that fall on
+   the same cell are averaged) and refine it with a small CNN (two 3×3 convolutions) to ``out_channels``;
+5. concatenate with ``F``: the output has ``C + out_channels`` channels.
+
+Attention sees only the keypoints of one slice, so a slice's output does not depend on the rest of the batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KeypointFusion(nn.Module):
+    """``(features (B, C, h, w), keypoints (B, K, 2), input_size (H, W))`` → ``(B, C + out_channels, h, w)``.
+
+    Args:
+        in_channels: ``C``.
+        out_channels: channels of the refined keypoint map concatenated to the features.
+        dim: width of the keypoint tokens (256 in KAF).
+        heads: attention heads (4 in KAF).
+        layers: self-attention layers.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 256, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.out_channels = out_channels
+        self.project = nn.Linear(in_channels, dim)
+        self.position = nn.Sequential(nn.Linear(2, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.attention = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.refine = nn.Sequential(nn.Conv2d(dim, out_channels, 3, padding=1), nn.LeakyReLU(inplace=True),
+                                    nn.Conv2d(out_channels, out_channels, 3, padding=1))
+
+    def forward(self, features: torch.Tensor, keypoints: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        if (features.dim() != 4 or keypoints.dim() != 3 or keypoints.shape[0] != features.shape[0]
+                or keypoints.shape[2] != 2):
+            raise ValueError(f"expected features (B, C, h, w) and keypoints (B, K, 2), got {tuple(features.shape)} and "
+                             f"{tuple(keypoints.shape)}")
+        batch, _, height, width = features.shape
+        scale = torch.tensor([height / input_size[0], width / input_size[1]], device=keypoints.device)
+        cells = torch.minimum((keypoints.float() * scale).long(),
+                              torch.tensor([height - 1, width - 1], device=keypoints.device))
+        flat = cells[..., 0] * width + cells[..., 1]  # (B, K)
+        gathered = torch.gather(features.flatten(2), 2, flat[:, None, :].expand(-1, features.shape[1], -1))
+        normalised = 2 * keypoints.float() / torch.tensor([max(input_size[0] - 1, 1), max(input_size[1] - 1, 1)],
+                                                          device=keypoints.device) - 1
+        tokens = self.attention(self.project(gathered.transpose(1, 2)) + self.position(normalised))  # (B, K, dim)
+        summed = tokens.new_zeros((batch, tokens.shape[2], height * width))
+        summed.scatter_add_(2, flat[:, None, :].expand(-1, tokens.shape[2], -1), tokens.transpose(1, 2))
+        hits = tokens.new_zeros((batch, 1, height * width))
+        hits.scatter_add_(2, flat[:, None, :], tokens.new_ones((batch, 1, flat.shape[1])))
+        keypoint_map = (summed / hits.clamp_min(1)).view(batch, -1, height, width)
+        return torch.cat((features, self.refine(keypoint_map)), 1)
