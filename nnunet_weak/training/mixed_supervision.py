@@ -67,7 +67,7 @@ def write_weak_target_maps(folder: str | os.PathLike, strong_cases: dict[str, tu
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    preprocessed = dataset_class(str(preprocessed_folder), sorted(strong_cases) + sorted(weak_cases))
+    preprocessed = dataset_class(str(preprocessed_folder), sorted(weak_cases))
     for case in weak_cases:
         seg = np.asarray(preprocessed.load_case(case)[1])
         dataset_class.save_seg(np.ascontiguousarray(seg[0]), str(partial / case))
@@ -112,7 +112,7 @@ class MixedSupervisionTrainer(TwoStreamTrainer):
     def first_stream_per_batch(self) -> int:
         return self.strong_per_batch
 
-    def training_target_folder(self) -> str:
+    def training_target_folder(self, first_keys: list[str], second_keys: list[str]) -> str:
         """Write this run's weak maps (rank 0; the other ranks wait) and return their folder."""
         if self.is_cascaded:
             raise UserInputError(f"{self.__class__.__name__} carries each case's weak map where the cascade carries "
@@ -120,7 +120,7 @@ class MixedSupervisionTrainer(TwoStreamTrainer):
                                  f"stage ('{self.configuration_name}' is).")
         folder = Path(self.output_folder) / WEAK_TARGETS_FOLDER
         if self.local_rank == 0:
-            strong, weak, _ = self.stream_keys()
+            strong, weak = first_keys, second_keys
             raw = self.raw_dataset
             strong_cases = {}
             for case in strong:

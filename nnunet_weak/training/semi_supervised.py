@@ -64,9 +64,10 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
         """Samples of the first stream per batch (0: half the batch, rounded up)."""
         raise NotImplementedError
 
-    def training_target_folder(self) -> str | None:
+    def training_target_folder(self, first_keys: list[str], second_keys: list[str]) -> str | None:
         """The folder of per-case maps that nnU-Net's loader appends to every training sample's segmentation as
-        its last channel (nnU-Net's previous-stage segmentations; ``None``: nothing appended)."""
+        its last channel (nnU-Net's previous-stage segmentations; ``None``: nothing appended), for the training
+        cases of both streams."""
         return self.folder_with_segs_from_previous_stage
 
     def get_dataloaders(self):
@@ -101,7 +102,7 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
                                     sampling_probabilities=None, pad_sides=None, transforms=transforms,
                                     probabilistic_oversampling=self.probabilistic_oversampling)
 
-        appended_segs = self.training_target_folder()
+        appended_segs = self.training_target_folder(first_keys, second_keys)
         training_loader = TwoStreamDataLoader(
             loader(first_keys, first_count, initial_patch_size, training_transforms, appended_segs),
             loader(second_keys, second_count, initial_patch_size, training_transforms, appended_segs),
