@@ -3,7 +3,7 @@ batch, moving with the image under flips, rotations and scaling) and its keypoin
 import pytest
 import torch
 
-from nnunet_weak.networks.keypoints import detect_keypoints
+from nnunet_weak.networks.keypoints import Keypoints, detect_keypoints
 
 SIZE = 64
 # two rectangles, rows × columns; their 8 corner pixels are the image's only corners
@@ -85,7 +85,7 @@ def test_fusion_concatenates_a_keypoint_map_that_is_zero_away_from_the_keypoints
     fusion, features, keypoints = fusion_inputs()
     captured = {}
     fusion.refine.register_forward_pre_hook(lambda module, inputs: captured.setdefault("map", inputs[0]))
-    output = fusion(features, keypoints, (SIZE, SIZE))
+    output = fusion(features, Keypoints(keypoints, (SIZE, SIZE)))
     assert output.shape == (3, 11, 8, 8)
     assert torch.equal(output[:, :6], features)
     occupied = captured["map"].abs().sum(1) > 0  # (B, 8, 8)
@@ -97,9 +97,9 @@ def test_fusion_concatenates_a_keypoint_map_that_is_zero_away_from_the_keypoints
 def test_fusion_ignores_keypoint_order_and_the_rest_of_the_batch():
     fusion, features, keypoints = fusion_inputs(1)
     with torch.no_grad():
-        output = fusion(features, keypoints, (SIZE, SIZE))
-        shuffled = fusion(features, keypoints[:, torch.randperm(10)], (SIZE, SIZE))
-        alone = fusion(features[1:2], keypoints[1:2], (SIZE, SIZE))
+        output = fusion(features, Keypoints(keypoints, (SIZE, SIZE)))
+        shuffled = fusion(features, Keypoints(keypoints[:, torch.randperm(10)], (SIZE, SIZE)))
+        alone = fusion(features[1:2], Keypoints(keypoints[1:2], (SIZE, SIZE)))
     torch.testing.assert_close(shuffled, output, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(alone[0], output[1], rtol=1e-5, atol=1e-6)
 
@@ -107,4 +107,33 @@ def test_fusion_ignores_keypoint_order_and_the_rest_of_the_batch():
 def test_fusion_refuses_mismatched_inputs():
     fusion, features, keypoints = fusion_inputs()
     with pytest.raises(ValueError, match="keypoints"):
-        fusion(features, keypoints[:2], (SIZE, SIZE))
+        fusion(features, Keypoints(keypoints[:2], (SIZE, SIZE)))
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_a_kaf_network_predicts_a_slice_alone_as_inside_a_batch(kind):
+    from nnunet_weak.networks.encoder_stages import stage_channels
+    from nnunet_weak.networks.keypoint_fusion import attach_keypoint_fusion
+    from conftest import small_unet
+    torch.manual_seed(0)
+    network = small_unet(kind, 2)
+    channels = [stage_channels(network, s) for s in range(4)]
+    layers = attach_keypoint_fusion(network, keypoint_count=12, channel_fraction=0.5, dim=16, heads=2, layers=1)
+    assert len(layers) == 4
+    assert [stage_channels(network, s) for s in range(4)] == [c + (c + 1) // 2 for c in channels]
+    network.eval()
+    batch = torch.cat((rectangles_image()[..., :32, :32], torch.rand(2, 1, 32, 32)))
+    with torch.no_grad():
+        together = network(batch)[0]
+        for i in range(3):
+            torch.testing.assert_close(network(batch[i:i + 1])[0][0], together[i], rtol=1e-4, atol=1e-5)
+    network.train()
+    network(batch)[0].sum().backward()
+    assert all(p.grad is not None for layer in layers for p in layer.parameters())
+
+
+def test_kaf_refuses_a_3d_network():
+    from nnunet_weak.networks.keypoint_fusion import attach_keypoint_fusion
+    from conftest import small_unet
+    with pytest.raises(ValueError, match="2D"):
+        attach_keypoint_fusion(small_unet("plain", 3), keypoint_count=8, channel_fraction=0.5)

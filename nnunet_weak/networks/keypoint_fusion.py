@@ -1,7 +1,7 @@
 """KAF's keypoint-augmented fusion layer (Yang et al., NeurIPS 2023, §3; ``../shared/METHODS.md`` §4).
 
 After an encoder stage with features ``F`` ``(B, C, h, w)``, for the keypoints ``p`` ``(B, K, 2)`` of the input
-slice (``nnunet_weak.networks.keypoints``, in input pixels):
+slice (``nnunet_weak.networks.keypoints.Keypoints``, in input pixels):
 
 1. scale the keypoints to the stage's grid and gather ``F`` there: ``(B, K, C)``;
 2. project to ``dim`` and add a learned encoding of the keypoints' positions (an MLP on their coordinates
@@ -13,15 +13,27 @@ slice (``nnunet_weak.networks.keypoints``, in input pixels):
 5. concatenate with ``F``: the output has ``C + out_channels`` channels.
 
 Attention sees only the keypoints of one slice, so a slice's output does not depend on the rest of the batch.
+
+:func:`attach_keypoint_fusion` puts one layer after every encoder stage of an auto-planned 2D network, all
+sharing one ``KeypointDetector`` that runs on the network's input (``attach_after_encoder_stage`` with an
+``input_context``), each widening its stage by its ``out_channels``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from nnunet_weak.networks.encoder_stages import attach_after_encoder_stage, encoder_of, stage_channels
+from nnunet_weak.networks.keypoints import KeypointDetector, Keypoints
+
 
 class KeypointFusion(nn.Module):
-    """``(features (B, C, h, w), keypoints (B, K, 2), input_size (H, W))`` → ``(B, C + out_channels, h, w)``.
+    """``(features (B, C, h, w), Keypoints (positions (B, K, 2), input size (H, W)))`` → ``(B, C + out_channels, h, w)``.
+
+    The keypoint tokens after attention, ``(B, K, dim)``, are the output of ``self.attention`` (a ``FeatureTap``
+    there reads them: KAF's keypoint descriptors).
 
     Args:
         in_channels: ``C``.
@@ -41,7 +53,8 @@ class KeypointFusion(nn.Module):
         self.refine = nn.Sequential(nn.Conv2d(dim, out_channels, 3, padding=1), nn.LeakyReLU(inplace=True),
                                     nn.Conv2d(out_channels, out_channels, 3, padding=1))
 
-    def forward(self, features: torch.Tensor, keypoints: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, keypoints: Keypoints) -> torch.Tensor:
+        keypoints, input_size = keypoints
         if (features.dim() != 4 or keypoints.dim() != 3 or keypoints.shape[0] != features.shape[0]
                 or keypoints.shape[2] != 2):
             raise ValueError(f"expected features (B, C, h, w) and keypoints (B, K, 2), got {tuple(features.shape)} and "
@@ -61,3 +74,23 @@ class KeypointFusion(nn.Module):
         hits.scatter_add_(2, flat[:, None, :], tokens.new_ones((batch, 1, flat.shape[1])))
         keypoint_map = (summed / hits.clamp_min(1)).view(batch, -1, height, width)
         return torch.cat((features, self.refine(keypoint_map)), 1)
+
+
+def attach_keypoint_fusion(network: nn.Module, keypoint_count: int, channel_fraction: float, dim: int = 256,
+                           heads: int = 4, layers: int = 2) -> list[KeypointFusion]:
+    """A :class:`KeypointFusion` after every encoder stage of a 2D ``network`` (in place), appending
+    ``ceil(channel_fraction · C_stage)`` channels to stage ``s``; returns the layers, shallowest first."""
+    encoder = encoder_of(network)
+    if encoder.conv_op is not nn.Conv2d:
+        raise ValueError(f"KAF's keypoint fusion works on 2D slices; this network's convolutions are "
+                         f"{encoder.conv_op.__name__}. Train a 2D configuration.")
+    if channel_fraction <= 0:
+        raise ValueError(f"channel_fraction must be > 0, got {channel_fraction}")
+    detector = KeypointDetector(keypoint_count)
+    layers_attached = []
+    for index in range(len(encoder.stages)):
+        channels = stage_channels(network, index)
+        fusion = KeypointFusion(channels, math.ceil(channel_fraction * channels), dim, heads, layers)
+        attach_after_encoder_stage(network, index, fusion, input_context=detector, added_channels=fusion.out_channels)
+        layers_attached.append(fusion)
+    return layers_attached

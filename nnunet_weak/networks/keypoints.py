@@ -15,10 +15,42 @@ with the KAF trainers.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from kornia.feature import gftt_response
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.subpix import nms2d
+from torch import nn
+
+
+class Keypoints(NamedTuple):
+    """Keypoints of a batch of slices: ``positions`` ``(B, K, 2)`` long ``(y, x)`` pixel indices into the input of
+    size ``input_size`` ``(H, W)``."""
+    positions: torch.Tensor
+    input_size: tuple[int, int]
+
+
+class KeypointDetector(nn.Module):
+    """``images (B, C, H, W)`` → :class:`Keypoints` with ``count`` per slice (:func:`detect_keypoints`); no parameters.
+
+    The network's own keypoint finder: attached as the ``input_context`` of its keypoint fusion layers
+    (``nnunet_weak.networks.encoder_stages``), it runs once per forward pass on the network's input.
+    """
+
+    def __init__(self, count: int, smoothing_sigma: float = 1.0, nms_size: int = 5):
+        super().__init__()
+        self.count, self.smoothing_sigma, self.nms_size = count, smoothing_sigma, nms_size
+
+    def forward(self, images: torch.Tensor) -> Keypoints:
+        if images.dim() != 4:
+            raise ValueError(f"KAF's keypoints are found on 2D slices (B, C, H, W); got an input of shape "
+                             f"{tuple(images.shape)}. KAF supports 2D configurations only.")
+        positions, _ = detect_keypoints(images, self.count, self.smoothing_sigma, self.nms_size)
+        return Keypoints(positions, tuple(images.shape[2:]))
+
+    def extra_repr(self) -> str:
+        return f"count={self.count}, smoothing_sigma={self.smoothing_sigma}, nms_size={self.nms_size}"
 
 
 @torch.no_grad()
