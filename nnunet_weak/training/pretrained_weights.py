@@ -7,9 +7,11 @@ and an EMA teacher was copied from the random weights before the load). :func:`r
 makes nnU-Net's call reach the trainer's own hook (``nnUNetWeakTrainer.load_pretrained_weights``), which
 uses :func:`load_pretrained_state`:
 
-- the **planned network** gets the checkpoint's ``network_weights``: every key except the segmentation
-  layers (as nnU-Net: fine-tuning may change the classes) must be in the checkpoint with the same shape,
-  or the load is refused naming the first key that is not;
+- the **planned network** gets the checkpoint's ``network_weights``: every key except the skipped ones (the
+  segmentation layers, as nnU-Net: fine-tuning may change the classes; a trainer may skip more, e.g. KAF's
+  fresh decoder) must be in the checkpoint with the same shape, and every key of the checkpoint but the
+  skipped ones must be in the network, or the load is refused naming the first key that does not fit (a
+  pre-training with a deeper or shallower module is not loaded in part);
 - **training-only modules both trainers share** (a top-level module of the ``TrainingNetwork`` with the
   same name in the checkpoint's training weights, e.g. projection heads) are loaded with the same rule;
   the others keep their initialisation;
@@ -34,14 +36,20 @@ SKIPPED_KEYS = (".seg_layers.",)
 
 def load_matching_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str,
                         skipped: tuple[str, ...] = ()) -> list[str]:
-    """Load ``state`` into ``module``: every key of the module (but those containing a ``skipped`` string) must be
-    in ``state`` with the same shape. Returns the loaded keys.
+    """Load ``state`` into ``module``: every key of the module and of ``state`` (but those containing a ``skipped``
+    string) must be in the other, with the same shape. Returns the loaded keys.
 
     Raises:
-        UserInputError: naming the first missing or mis-shaped key.
+        UserInputError: naming the first missing, unexpected or mis-shaped key.
     """
     own = module.state_dict()
     loaded = [key for key in own if not any(s in key for s in skipped)]
+    unexpected = [key for key in state if key not in own and not any(s in key for s in skipped)]
+    if unexpected:
+        raise UserInputError(f"The pre-trained weights {source} do not fit the {what}: they have '{unexpected[0]}' "
+                             f"({len(unexpected)} such tensor(s)), which it lacks. They were written for another "
+                             f"architecture (other plans, configuration, trainer or trainer variant); pre-train with "
+                             f"the same ones.")
     for key in loaded:
         if key not in state:
             raise UserInputError(f"The pre-trained weights {source} do not fit the {what}: it has no '{key}'. They were "
@@ -55,15 +63,17 @@ def load_matching_state(module: nn.Module, state: Mapping[str, torch.Tensor], wh
     return loaded
 
 
-def load_pretrained_state(network: nn.Module, checkpoint: Mapping, source: str) -> dict:
+def load_pretrained_state(network: nn.Module, checkpoint: Mapping, source: str,
+                          skipped: tuple[str, ...] = SKIPPED_KEYS) -> dict:
     """Load a checkpoint of ``nnUNetWeakTrainer.save_checkpoint`` (or nnU-Net's) into ``network``, the planned
     network or a ``TrainingNetwork`` around it (see the module docstring). Returns what was loaded:
-    ``{"network": number of keys, "training_modules": [names]}``."""
+    ``{"network": number of keys, "training_modules": [names]}``. Keys of the planned network containing a
+    ``skipped`` string are neither loaded nor checked."""
     if "network_weights" not in checkpoint:
         raise UserInputError(f"{source} is not an nnU-Net checkpoint (no 'network_weights').")
     weights = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
     planned = network.inference_network if isinstance(network, TrainingNetwork) else network
-    loaded = load_matching_state(planned, weights, "planned network", source, SKIPPED_KEYS)
+    loaded = load_matching_state(planned, weights, "planned network", source, skipped)
     shared = []
     if isinstance(network, TrainingNetwork):
         training_weights = checkpoint.get(TRAINING_WEIGHTS_KEY, {})

@@ -17,11 +17,6 @@ per-epoch pseudo-Dice uses the labelled validation cases.
 """
 from __future__ import annotations
 
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.training.two_stream import TwoStreamDataLoader, split_batch
@@ -70,66 +65,23 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
         cases of both streams."""
         return self.folder_with_segs_from_previous_stage
 
-    def get_dataloaders(self):
-        """nnU-Net's loaders, with the training loader replaced by a two-stream one."""
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+    def training_data_loader(self, make_loader, initial_patch_size, transforms):
+        """The two-stream training loader (``nnUNetWeakTrainer.training_data_loader``)."""
         first_count, second_count = split_batch(self.batch_size, self.first_stream_per_batch(), self.streams)
-        first_keys, second_keys, annotated_validation_keys = self.stream_keys()
+        first_keys, second_keys, _ = self.stream_keys()
         self.print_to_log_file(f"Two-stream batches: {first_count} {self.streams[0]} (of {len(first_keys)} cases) + "
                                f"{second_count} {self.streams[1]} (of {len(second_keys)} cases) per GPU.")
-        patch_size = self.configuration_manager.patch_size
-        deep_supervision_scales = self._get_deep_supervision_scales()
-        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
-        training_transforms = self.get_training_transforms(
-            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-        validation_transforms = self.get_validation_transforms(
-            deep_supervision_scales, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-
-        def loader(keys, batch_size, loader_patch_size, transforms,
-                   appended_segs=self.folder_with_segs_from_previous_stage):
-            dataset = self.dataset_class(self.preprocessed_dataset_folder, keys,
-                                         folder_with_segs_from_previous_stage=appended_segs)
-            return nnUNetDataLoader(dataset, batch_size, loader_patch_size, patch_size, self.label_manager,
-                                    oversample_foreground_percent=self.oversample_foreground_percent,
-                                    sampling_probabilities=None, pad_sides=None, transforms=transforms,
-                                    probabilistic_oversampling=self.probabilistic_oversampling)
-
         appended_segs = self.training_target_folder(first_keys, second_keys)
-        training_loader = TwoStreamDataLoader(
-            loader(first_keys, first_count, initial_patch_size, training_transforms, appended_segs),
-            loader(second_keys, second_count, initial_patch_size, training_transforms, appended_segs),
+        return TwoStreamDataLoader(
+            make_loader(first_keys, first_count, initial_patch_size, transforms, appended_segs),
+            make_loader(second_keys, second_count, initial_patch_size, transforms, appended_segs),
             mask_name=self.streams[0], second_unannotated=self.second_stream_unannotated)
+
+    def pseudo_dice_validation_keys(self) -> tuple[list[str], bool]:
         # nnU-Net's per-epoch pseudo-Dice can only count annotated voxels: unlabelled validation cases
         # (scored on their dense labels after training) have none, and are used only when there is nothing else
-        validation_loader = loader(annotated_validation_keys or self.do_split()[1], self.batch_size, patch_size,
-                                   validation_transforms)
-        if not annotated_validation_keys:
-            validation_loader.has_ignore = False
-
-        processes = get_allowed_n_proc_DA()
-        if processes == 0:
-            training, validation = SingleThreadedAugmenter(training_loader, None), SingleThreadedAugmenter(
-                validation_loader, None)
-        else:
-            pin_memory = self.device.type == "cuda"
-            training = NonDetMultiThreadedAugmenter(training_loader, None, num_processes=processes,
-                                                    num_cached=max(6, processes // 2), pin_memory=pin_memory,
-                                                    wait_time=0.002)
-            validation = NonDetMultiThreadedAugmenter(validation_loader, None, num_processes=max(1, processes // 2),
-                                                      num_cached=max(3, processes // 4), pin_memory=pin_memory,
-                                                      wait_time=0.002)
-        # as nnU-Net does: start the workers now, not inside the first training step
-        next(training)
-        next(validation)
-        return training, validation
+        annotated = self.stream_keys()[2]
+        return (annotated, True) if annotated else (self.do_split()[1], False)
 
 
 class SemiSupervisedTrainer(TwoStreamTrainer):

@@ -56,8 +56,13 @@ import torch
 import torch.distributed as dist
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
@@ -72,7 +77,7 @@ from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.supervision import SupervisionManifest
 from nnunet_weak.training.dense_monitor import DenseValidationMonitor
 from nnunet_weak.training.options import OPTIONS_ENV, trainer_options_from_environment
-from nnunet_weak.training.pretrained_weights import load_pretrained_state, route_pretrained_weights_to
+from nnunet_weak.training.pretrained_weights import SKIPPED_KEYS, load_pretrained_state, route_pretrained_weights_to
 from nnunet_weak.transforms.image_extent import AppendImageExtentChannel, split_image_extent
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
@@ -121,6 +126,9 @@ class nnUNetWeakTrainer(nnUNetTrainer):
     #: validation cases with dense labels predicted and scored after every epoch (0: none), evenly
     #: spaced over the sorted validation cases
     dense_monitor_cases = 8
+    #: ``-pretrained_weights`` leaves the planned network's tensors whose names contain one of these at their
+    #: initialisation (nnU-Net: the segmentation layers, since fine-tuning may change the classes)
+    pretrained_skipped_keys: tuple[str, ...] = SKIPPED_KEYS
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -254,10 +262,11 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             raise UserInputError(f"-pretrained_weights {filename}: no such file. Give the checkpoint of the pre-training "
                                  f"run (its fold_X/checkpoint_final.pth).")
         checkpoint = torch.load(path, map_location=self.device, weights_only=False)
-        loaded = load_pretrained_state(unwrap_network(self.network), checkpoint, str(path))
+        loaded = load_pretrained_state(unwrap_network(self.network), checkpoint, str(path), self.pretrained_skipped_keys)
         self.pretrained_weights = {"file": str(path.resolve()), "trainer": checkpoint.get("trainer_name"), **loaded}
         self.print_to_log_file(f"Pre-trained weights from {path} (written by {checkpoint.get('trainer_name')}): the "
-                               f"planned network ({loaded['network']} tensors, segmentation layers excepted)"
+                               f"planned network ({loaded['network']} tensors; not loaded: names containing "
+                               f"{', '.join(self.pretrained_skipped_keys)})"
                                + (f" and {', '.join(loaded['training_modules'])}" if loaded["training_modules"] else ""))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
@@ -441,6 +450,71 @@ class nnUNetWeakTrainer(nnUNetTrainer):
             adapted.append(transform)
         transforms.transforms = adapted
         return transforms
+
+    # ---- data loading ------------------------------------------------------------------------
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders and augmentation workers; the training loader comes from :meth:`training_data_loader`
+        and the per-epoch pseudo-Dice's cases from :meth:`pseudo_dice_validation_keys`, so that a method changes
+        what a batch holds without a second copy of this set-up."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
+        training_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        validation_transforms = self.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+
+        def make_loader(keys, batch_size, loader_patch_size, transforms,
+                        appended_segs=self.folder_with_segs_from_previous_stage, loader_class=nnUNetDataLoader):
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, keys,
+                                         folder_with_segs_from_previous_stage=appended_segs)
+            return loader_class(dataset, batch_size, loader_patch_size, patch_size, self.label_manager,
+                                oversample_foreground_percent=self.oversample_foreground_percent,
+                                sampling_probabilities=None, pad_sides=None, transforms=transforms,
+                                probabilistic_oversampling=self.probabilistic_oversampling)
+
+        training_loader = self.training_data_loader(make_loader, initial_patch_size, training_transforms)
+        validation_keys, annotated = self.pseudo_dice_validation_keys()
+        validation_loader = make_loader(validation_keys, self.batch_size, patch_size, validation_transforms)
+        if not annotated:
+            validation_loader.has_ignore = False
+
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            training, validation = SingleThreadedAugmenter(training_loader, None), SingleThreadedAugmenter(
+                validation_loader, None)
+        else:
+            pin_memory = self.device.type == "cuda"
+            training = NonDetMultiThreadedAugmenter(training_loader, None, num_processes=processes,
+                                                    num_cached=max(6, processes // 2), pin_memory=pin_memory,
+                                                    wait_time=0.002)
+            validation = NonDetMultiThreadedAugmenter(validation_loader, None, num_processes=max(1, processes // 2),
+                                                      num_cached=max(3, processes // 4), pin_memory=pin_memory,
+                                                      wait_time=0.002)
+        # as nnU-Net does: start the workers now, not inside the first training step
+        next(training)
+        next(validation)
+        return training, validation
+
+    def training_data_loader(self, make_loader, initial_patch_size, transforms):
+        """The training loader: nnU-Net's over this fold's training cases. ``make_loader(keys, batch_size,
+        patch_size, transforms, appended_segs=..., loader_class=nnUNetDataLoader)`` builds one as nnU-Net does."""
+        return make_loader(self.do_split()[0], self.batch_size, initial_patch_size, transforms)
+
+    def pseudo_dice_validation_keys(self) -> tuple[list[str], bool]:
+        """The validation cases of nnU-Net's per-epoch pseudo-Dice, and whether they carry annotated voxels (else
+        crops are uniform, not centred on annotations)."""
+        return self.do_split()[1], True
 
     @classmethod
     def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
