@@ -27,7 +27,8 @@ arXiv 2310.01680) inside nnU-Net, two stages chained through nnU-Net's ``-pretra
     fusion layer's keypoint features (``log_optimal_transport``, ``correspondence_loss``).
 
   Options: ``lambda_cnn`` 1, ``lambda_keypoint`` 1, ``lambda_correspondence`` 0.01 (the authors'),
-  ``temperature`` 0.1, ``position_threshold`` 0.1, ``match_distance`` 30.
+  ``temperature`` 0.1, ``position_threshold`` 0.35 (PCL's setting for ACDC's ~10-slice volumes; 0.1 for their CT),
+  ``match_distance`` 30 (pixels of the network input).
 - **Fine-tuning**, ``KAFTrainer``: nnU-Net's loss on the labelled cases; ``-pretrained_weights`` loads the
   encoder with its fusion layers strictly (a missing, extra or mis-shaped tensor is an error naming it: the
   authors' fine-tuning built a deeper attention stack than it pre-trained and left part of it random) and
@@ -81,7 +82,7 @@ class KAFPretrainTrainer(KAFTrainer):
     dense_monitor_cases = 0  # the decoder is not trained here: there is no segmentation to monitor
     embedding_size = 128
     tunable_options = {"lambda_cnn": 1.0, "lambda_keypoint": 1.0, "lambda_correspondence": 0.01,
-                       "temperature": 0.1, "position_threshold": 0.1, "match_distance": 30.0}
+                       "temperature": 0.1, "position_threshold": 0.35, "match_distance": 30.0}
     training_loss_components = ("global_cnn", "global_keypoint", "correspondence")
 
     def training_network(self, network):

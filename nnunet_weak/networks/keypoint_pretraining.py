@@ -66,8 +66,9 @@ class KeypointPretrainingNetwork(TrainingNetwork):
         self.keypoint_head = EmbeddingHead(dim, embedding_size)
         self.match_projection = nn.Linear(dim, dim)
         self.dustbin = nn.Parameter(torch.tensor(1.0))
-        for parameter in decoder_of(network).parameters():
-            parameter.requires_grad_(False)
+        for name, parameter in decoder_of(network).named_parameters():
+            if not name.startswith("encoder."):  # nnU-Net's decoder holds a reference to the encoder
+                parameter.requires_grad_(False)
 
     def training_forward(self, x, **training_arguments) -> KeypointPretrainingOutput:
         unwrap_network(self.inference_network).encoder(x)

@@ -43,7 +43,9 @@ class NeighbourSliceDataLoader(nnUNetDataLoader):
             raise UserInputError(f"A batch of neighbouring-slice pairs needs at least 2 samples per GPU; the batch "
                                  f"size is {self.batch_size}. Use plans with a batch size of at least 2.")
         self.pairs = self.batch_size // 2
+        # uniform crops: nnU-Net would centre crops of ignore-label datasets on annotated voxels, reading labels
         self.oversample_foreground_percent = 0.0
+        self.has_ignore = False
 
     def generate_train_batch(self) -> dict:
         cases = [self.indices[i] for i in np.random.randint(len(self.indices), size=self.pairs)]

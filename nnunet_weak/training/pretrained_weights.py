@@ -59,7 +59,8 @@ def load_matching_state(module: nn.Module, state: Mapping[str, torch.Tensor], wh
             raise UserInputError(f"The pre-trained weights {source} do not fit the {what}: '{key}' has shape "
                                  f"{tuple(state[key].shape)} there and {tuple(own[key].shape)} here. Pre-train with the "
                                  f"same plans and configuration.")
-    module.load_state_dict({**own, **{key: state[key] for key in loaded}})
+    # skipped tensors keep their values (strict=False only lets them be absent: every other key was checked above)
+    module.load_state_dict({key: state[key] for key in loaded}, strict=False)
     return loaded
 
 
