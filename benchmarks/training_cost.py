@@ -6,7 +6,8 @@ and batch size (``--batch_size`` overrides the batch size for a machine that can
 in a fresh process, alternating; the table reports the medians of the step times and of the peak
 memory of the steps, and their ratios. A run the system kills (out of memory) is reported as such.
 Two-stream trainers get two-stream batches as their loader makes them: semi-supervised (labelled, then
-unlabelled samples) or mixed supervision (strong, then weak samples, each with its weak map).
+unlabelled samples) or mixed supervision (strong, then weak samples, each with its weak map); KAF's
+pre-training gets pairs of neighbouring slices with their positions.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, minus what was allocated before;
 on CPU the peak resident set size during the steps (``VmHWM``, reset first) minus the resident size
@@ -77,8 +78,11 @@ class PeakMemory:
 def synthetic_batch(trainer, generator, batch: int) -> dict:
     """A training batch of the trainer's patch, for ``batch`` samples; for two-stream trainers the two streams as
     their loader makes them: semi-supervised (``labelled`` mask, unlabelled samples ignore everywhere) or mixed
-    (``strong`` mask, a second target channel holding every sample's weak map)."""
+    (``strong`` mask, a second target channel holding every sample's weak map); for KAF's pre-training, pairs of
+    slices (``slice_position``, ``neighbour``) as ``NeighbourSliceDataLoader`` makes them."""
     import torch
+    from nnunet_weak.networks.encoder_stages import unwrap_network
+    from nnunet_weak.networks.keypoint_pretraining import KeypointPretrainingNetwork
     from nnunet_weak.training.mixed_supervision import MixedSupervisionTrainer
     from nnunet_weak.training.semi_supervised import TwoStreamTrainer
     from nnunet_weak.training.two_stream import split_batch
@@ -101,6 +105,12 @@ def synthetic_batch(trainer, generator, batch: int) -> dict:
             labels = torch.cat((torch.where(strong, dense, labels), labels), 1)
         else:
             labels[first_count:] = ignore
+    if isinstance(unwrap_network(trainer.network), KeypointPretrainingNetwork):
+        pairs = batch // 2
+        batch, data, dense, labels = 2 * pairs, data[:2 * pairs], dense[:2 * pairs], labels[:2 * pairs]
+        anchor = torch.rand(pairs, generator=generator)
+        extra["slice_position"] = torch.cat((anchor, (anchor + 0.1).clamp(max=1)))
+        extra["neighbour"] = torch.cat((torch.arange(pairs, 2 * pairs), torch.arange(pairs)))
     scales = trainer._get_deep_supervision_scales()
     target = [SparsePreservingDownsampleSegForDSTransform(scales, ignore if ignore is not None else classes)(
         segmentation=sample)["segmentation"] for sample in labels.to(torch.int16)]

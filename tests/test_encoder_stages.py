@@ -106,3 +106,11 @@ def test_widening_refuses_what_it_cannot_do():
     network = small_unet("plain", 2)
     with pytest.raises(ValueError, match="added_channels"):
         attach_after_encoder_stage(network, 1, torch.nn.Identity(), added_channels=-1)
+
+
+def test_widening_leaves_the_plans_the_network_was_built_from_alone():
+    features = [4, 8, 16, 16]
+    network = small_unet("plain", 2)
+    network.encoder.output_channels = features  # as dynamic_network_architectures keeps the list it was given
+    attach_after_encoder_stage(network, 1, AppendZeros(2), added_channels=2)
+    assert features == [4, 8, 16, 16] and stage_channels(network, 1) == 10

@@ -52,7 +52,7 @@ from nnunet_weak.training.weak_trainer import nnUNetWeakTrainer
 class KAFTrainer(nnUNetWeakTrainer):
     """The KAF network (keypoint fusion after every encoder stage), fine-tuned with nnU-Net's loss."""
 
-    keypoint_count = 128
+    keypoint_count = 64
     fusion_channel_fraction = 0.25
     fusion_dim = 256
     fusion_heads = 4

@@ -156,7 +156,9 @@ def _widen_stage_output(network: nn.Module, stage_index: int, added: int) -> Non
     else:
         # decoder stage ``s`` concatenates the up-sampled features with the skip of encoder stage ``last - 1 - s``
         _widen_stage_input(decoder.stages[last - 1 - stage_index], added)
-    encoder.output_channels[stage_index] += added
+    # a new list: the encoder's is the plans' ``features_per_stage``, which the next network built from them must not see
+    encoder.output_channels = [int(c) + (added if i == stage_index else 0)
+                               for i, c in enumerate(encoder.output_channels)]
 
 
 def _inner_stage(stage: nn.Module) -> nn.Module:

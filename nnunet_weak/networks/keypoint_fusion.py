@@ -8,8 +8,10 @@ slice (``nnunet_weak.networks.keypoints.Keypoints``, in input pixels):
    normalised to ``[-1, 1]``);
 3. ``layers`` layers of multi-head self-attention among the ``K`` keypoints of each slice (a transformer
    encoder, ``heads`` heads);
-4. scatter the result back onto an ``(B, dim, h, w)`` map (zero away from keypoints; keypoints that fall on
-   the same cell are averaged) and refine it with a small CNN (two 3×3 convolutions) to ``out_channels``;
+4. project the tokens to ``out_channels``, scatter them back onto an ``(B, out_channels, h, w)`` map (zero away
+   from keypoints; keypoints that fall on the same cell are averaged) and refine it with a small CNN (two 3×3
+   convolutions). Projecting before scattering, not after, keeps the CNN at ``out_channels`` wide: a 256-wide
+   map at full resolution doubled the cost of a training step (measured, documentation/KAFTrainer.md);
 5. concatenate with ``F``: the output has ``C + out_channels`` channels.
 
 Attention sees only the keypoints of one slice, so a slice's output does not depend on the rest of the batch.
@@ -50,7 +52,8 @@ class KeypointFusion(nn.Module):
         self.position = nn.Sequential(nn.Linear(2, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
         self.attention = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.refine = nn.Sequential(nn.Conv2d(dim, out_channels, 3, padding=1), nn.LeakyReLU(inplace=True),
+        self.to_map = nn.Linear(dim, out_channels)
+        self.refine = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.LeakyReLU(inplace=True),
                                     nn.Conv2d(out_channels, out_channels, 3, padding=1))
 
     def forward(self, features: torch.Tensor, keypoints: Keypoints) -> torch.Tensor:
@@ -68,10 +71,11 @@ class KeypointFusion(nn.Module):
         normalised = 2 * keypoints.float() / torch.tensor([max(input_size[0] - 1, 1), max(input_size[1] - 1, 1)],
                                                           device=keypoints.device) - 1
         tokens = self.attention(self.project(gathered.transpose(1, 2)) + self.position(normalised))  # (B, K, dim)
-        summed = tokens.new_zeros((batch, tokens.shape[2], height * width))
-        summed.scatter_add_(2, flat[:, None, :].expand(-1, tokens.shape[2], -1), tokens.transpose(1, 2))
-        hits = tokens.new_zeros((batch, 1, height * width))
-        hits.scatter_add_(2, flat[:, None, :], tokens.new_ones((batch, 1, flat.shape[1])))
+        values = self.to_map(tokens)  # (B, K, out_channels)
+        summed = values.new_zeros((batch, self.out_channels, height * width))
+        summed.scatter_add_(2, flat[:, None, :].expand(-1, self.out_channels, -1), values.transpose(1, 2))
+        hits = values.new_zeros((batch, 1, height * width))
+        hits.scatter_add_(2, flat[:, None, :], values.new_ones((batch, 1, flat.shape[1])))
         keypoint_map = (summed / hits.clamp_min(1)).view(batch, -1, height, width)
         return torch.cat((features, self.refine(keypoint_map)), 1)
 
