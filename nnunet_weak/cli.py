@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", required=True, help="sparse (scribble/weak) twin dataset id or name")
     p.add_argument("--trainers", nargs="+", default=["nnUNetWeakTrainer"],
                    help="trainers to train on the sparse dataset (default: nnUNetWeakTrainer, the partial-loss "
-                        "baseline)")
+                        "baseline); PRETRAINER:TRAINER trains PRETRAINER (default options, same fold and seed) and "
+                        "starts TRAINER from its final checkpoint with -pretrained_weights, e.g. "
+                        "KAFPretrainTrainer:KAFTrainer")
     _add_training_arguments(p, "fold(s) to train; several are ensembled for the test prediction (default: 0)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense upper bound")
     p.add_argument("--disable_tta", action="store_true", help="predict without mirroring")

@@ -67,11 +67,29 @@ class Run:
     dataset: RawDataset
     # NNUNET_WEAK_TRAINER_OPTIONS text of the values that differ from the trainer's defaults ("": its defaults)
     options: str = ""
+    # the trainer whose final checkpoint (same dataset, fold, seed; its default options) starts this run through
+    # -pretrained_weights ("": none)
+    pretraining: str = ""
 
     @property
     def key(self) -> str:
         key = f"{self.dataset.name}__{self.trainer}"
+        key = f"{self.dataset.name}__{self.pretraining}+{self.trainer}" if self.pretraining else key
         return f"{key}__{self.options}" if self.options else key
+
+    def pretraining_run(self) -> "Run":
+        """The run that pre-trains this one."""
+        return Run(f"{self.pretraining} (pre-training)", self.pretraining, self.dataset)
+
+
+def parse_trainer_chain(text: str) -> tuple[str, str]:
+    """``"PRETRAINER:TRAINER"`` (``TRAINER`` fine-tuned from ``PRETRAINER``'s checkpoint) or ``"TRAINER"`` →
+    ``(pretraining, trainer)``, ``pretraining`` ``""`` for none."""
+    parts = text.split(":")
+    if len(parts) > 2 or not all(parts):
+        raise UserInputError(f"'{text}' is not a trainer: give TRAINER, or PRETRAINER:TRAINER for TRAINER started "
+                             f"from PRETRAINER's final checkpoint (e.g. KAFPretrainTrainer:KAFTrainer).")
+    return ("", parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,6 +207,9 @@ class FoldTraining:
     def results_root(run: Run, seed: int | None) -> Path:
         """The ``nnUNet_results`` of one run and seed."""
         root = required_folder("nnUNet_results")
+        if run.pretraining:
+            # apart from the same trainer started from scratch
+            root = root / "nnunet_weak_pretrained" / run.pretraining
         if run.options:
             root = root / "nnunet_weak_options" / run.options
         return root if seed is None else root / "nnunet_weak_seeds" / f"seed_{seed}"
@@ -209,7 +230,13 @@ class FoldTraining:
                 f"{run.trainer}__{self.plans}__{self.configuration}" / f"fold_{fold}")
 
     def train(self, run: Run, fold: str, seed: int | None = None) -> bool:
-        """Train (or reuse, or continue) one fold of a run; return True if training happened."""
+        """Train (or reuse, or continue) one fold of a run, after its pre-training if it has one; return True if
+        training happened."""
+        pretrained = None
+        if run.pretraining:
+            pretraining = run.pretraining_run()
+            pretrained_anew = self.train(pretraining, fold, seed)
+            pretrained = (self.fold_folder(pretraining, fold, seed) / "checkpoint_final.pth").resolve()
         folder = self.fold_folder(run, fold, seed)
         record_file = folder / RUN_RECORD
         record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else None
@@ -219,6 +246,10 @@ class FoldTraining:
         same_seed = seed is None or (record is not None and record.get("seed") == seed)
         options = parse_trainer_options(run.options, trainer_defaults(run.trainer), run.trainer)
         same_options = record is not None and record.get("options", {}) == options
+        if pretrained is not None:
+            # a new pre-training makes the run that started from the old one stale
+            same_options = (same_options and not pretrained_anew
+                            and (record.get("pretrained_weights") or {}).get("file") == str(pretrained))
         if finished and not self.retrain:
             if same_budget and same_seed and same_options:
                 print(f"{run.method}: reusing the finished run in {folder}")
@@ -231,16 +262,22 @@ class FoldTraining:
             if not same_seed:
                 raise UserInputError(f"{folder} holds a finished run with seed {record.get('seed')}, not {seed}. "
                                      f"Pass --retrain to replace it.")
-            raise UserInputError(f"{folder} holds a finished run with options {record.get('options')}, not {options}. "
-                                 f"Pass --retrain to replace it.")
+            if pretrained is not None:
+                print(f"{run.method}: its pre-training changed, training it again")
+            else:
+                raise UserInputError(f"{folder} holds a finished run with options {record.get('options')}, not "
+                                     f"{options}. Pass --retrain to replace it.")
         command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, fold,
                    "-tr", run.trainer, "-p", self.plans, "-device", self.device]
         resumable = ((folder / "checkpoint_latest.pth").is_file() and same_budget and same_seed and same_options
                      and not self.retrain)
         if resumable:
-            command.append("--c")
-        elif folder.exists():
-            shutil.rmtree(folder)
+            command.append("--c")  # the checkpoint holds the pre-trained start already
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)
+            if pretrained is not None:
+                command += ["-pretrained_weights", str(pretrained)]
         seed_text = "" if seed is None else f", seed {seed}"
         run_logged(command, self.environment(run, seed),
                    self.output / "logs" / f"{self.seed_key(run, seed)}__fold{fold}__train.log",
@@ -270,7 +307,10 @@ class Comparison(FoldTraining):
         super().__init__(budget, configuration, folds, plans, device, retrain, seeds)
         # unknown trainers and options are refused before anything is read
         dense_trainers = [BASE_TRAINER] if dense is not None else []
-        options = {t: options_from_environment(t) for t in dict.fromkeys(dense_trainers + list(trainers))}
+        chains = [parse_trainer_chain(t) for t in dict.fromkeys(trainers)]
+        options = {t: options_from_environment(t) for t in dict.fromkeys(dense_trainers + [t for _, t in chains])}
+        for pretraining in {p for p, _ in chains if p}:
+            trainer_defaults(pretraining)
         self.sparse = load_raw_dataset(sparse)
         self.dense = load_raw_dataset(dense) if dense is not None else None
         if self.dense is not None:
@@ -287,10 +327,12 @@ class Comparison(FoldTraining):
             required_folder("nnUNet_results") / "nnunet_weak_compare" /
             f"{self.sparse.name}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
         self.runs = []
-        for dataset, trainer in [(self.dense, t) for t in dense_trainers] + [(self.sparse, t) for t in dict.fromkeys(trainers)]:
+        for dataset, (pretraining, trainer) in ([(self.dense, ("", t)) for t in dense_trainers]
+                                                + [(self.sparse, chain) for chain in chains]):
             method = method_name(trainer, dataset, dataset is self.dense)
+            method = f"{method} pre-trained by {pretraining}" if pretraining else method
             name = f"{method} ({options[trainer]})" if options[trainer] else method
-            self.runs.append(Run(name, trainer, dataset, options[trainer]))
+            self.runs.append(Run(name, trainer, dataset, options[trainer], pretraining))
 
     def predict(self, run: Run, retrained: bool, seed: int | None = None) -> Path:
         """Predict the test images with the stock predictor (reused unless the model changed)."""

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nnunet_weak.compare import FoldTraining, Run, non_default_options, trainer_defaults
+from nnunet_weak import compare
+from nnunet_weak.compare import FoldTraining, Run, non_default_options, parse_trainer_chain, trainer_defaults
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.tune import parse_grid
 
@@ -13,7 +14,7 @@ TRAINER = "ScribbleAttentionTrainer"
 
 def finished_run(training, run, run_seed, **record):
     folder = training.fold_folder(run, "0", run_seed)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "checkpoint_final.pth").write_bytes(b"")
     (folder / "nnunet_weak_run.json").write_text(json.dumps(record), encoding="utf-8")
     return folder
@@ -66,3 +67,38 @@ def test_grid_always_holds_the_default_and_refuses_typos():
         parse_grid(["crf_rampup=0", "crf_rampup=0.25"], TRAINER)
     with pytest.raises(UserInputError, match="must be a number"):
         parse_grid(["crf_rampup=zero"], TRAINER)
+
+
+def test_trainer_chains_are_read_and_refused_clearly():
+    assert parse_trainer_chain("KAFTrainer") == ("", "KAFTrainer")
+    assert parse_trainer_chain("KAFPretrainTrainer:KAFTrainer") == ("KAFPretrainTrainer", "KAFTrainer")
+    for bad in ("A:B:C", ":KAFTrainer", "KAFPretrainTrainer:"):
+        with pytest.raises(UserInputError, match="PRETRAINER:TRAINER"):
+            parse_trainer_chain(bad)
+
+
+def test_a_pretrained_run_starts_from_its_pretraining_and_follows_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    training = FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=False, seeds=1)
+    training.output = tmp_path / "out"
+    commands = []
+    monkeypatch.setattr(compare, "run_logged", lambda command, *args, **kwargs: commands.append(command))
+    dataset = SimpleNamespace(name="Dataset001_X")
+    run = Run("kaf", "KAFTrainer", dataset, "", "KAFPretrainTrainer")
+    scratch = Run("scratch", "KAFTrainer", dataset)
+    assert training.fold_folder(run, "0", 0) != training.fold_folder(scratch, "0", 0)
+    budget = {"name": "smoke"}
+    pretraining = finished_run(training, run.pretraining_run(), 0, budget=budget, seed=0,
+                               options=trainer_defaults("KAFPretrainTrainer"))
+    checkpoint = str((pretraining / "checkpoint_final.pth").resolve())
+    # the pre-training is reused, the fine-tuning starts from its checkpoint
+    assert training.train(run, "0", 0) is True
+    assert len(commands) == 1 and commands[0][commands[0].index("-tr") + 1] == "KAFTrainer"
+    assert commands[0][-2:] == ["-pretrained_weights", checkpoint]
+    # finished from that checkpoint: reused
+    options = trainer_defaults("KAFTrainer")
+    finished_run(training, run, 0, budget=budget, seed=0, options=options, pretrained_weights={"file": checkpoint})
+    assert training.train(run, "0", 0) is False and len(commands) == 1
+    # finished from another pre-training: trained again from this one
+    finished_run(training, run, 0, budget=budget, seed=0, options=options, pretrained_weights={"file": "/elsewhere"})
+    assert training.train(run, "0", 0) is True and commands[-1][-2:] == ["-pretrained_weights", checkpoint]
