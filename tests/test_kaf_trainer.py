@@ -108,6 +108,14 @@ def test_the_encoder_loads_strictly_and_the_decoder_starts_fresh(workspace, tmp_
         assert "Traceback" not in refused.stderr.split("UserInputError")[-1]
 
 
+def test_ddp_keeps_the_pretraining_network_and_heads_identical(workspace):
+    _, env = workspace
+    result = probe(env, "ddp", "992", "2d", PRETRAIN, "2")
+    # the frozen decoder is outside DDP's reduction; everything trained is synchronised
+    assert result["modules_with_parameters_outside_network"] == [] and result["different"] == []
+    assert all(loss["correspondence"] > 0 for loss in result["losses"])
+
+
 @pytest.mark.slow
 def test_stock_pretrain_then_finetune_then_predict(workspace, tmp_path):
     folders, env = workspace
