@@ -137,3 +137,31 @@ def test_kaf_refuses_a_3d_network():
     from conftest import small_unet
     with pytest.raises(ValueError, match="2D"):
         attach_keypoint_fusion(small_unet("plain", 3), keypoint_count=8, channel_fraction=0.5)
+
+
+def gaussian_blobs(size=64, flip=False):
+    y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    image = torch.zeros(size, size)
+    for cy, cx, sigma in ((16, 20, 2.5), (40, 44, 4.0), (48, 14, 3.0)):
+        image += torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))
+    image = image.flip(-1) if flip else image
+    return image[None, None]
+
+
+def test_the_sift_detector_finds_blob_centres_and_follows_a_flip():
+    from nnunet_weak.networks.keypoints import KeypointDetector, detect_blob_keypoints
+    positions, strength = detect_blob_keypoints(gaussian_blobs(), 8)
+    assert positions.shape == (1, 8, 2) and torch.all(strength[0, :-1] >= strength[0, 1:])
+    found = positions[0][strength[0] > 0].float()
+    for centre in ((16, 20), (40, 44), (48, 14)):
+        assert (found - torch.tensor(centre)).norm(dim=1).min() <= 1.5
+    flipped, flipped_strength = detect_blob_keypoints(gaussian_blobs(flip=True), 8)
+    moved = flipped[0][flipped_strength[0] > 0]
+    moved[:, 1] = 63 - moved[:, 1]
+    assert torch.cdist(moved.float(), found).min(1).values.max() <= 1
+    # a fixed budget per slice, found from the slice alone
+    batch = torch.cat((gaussian_blobs(), torch.rand(1, 1, 64, 64)))
+    together = KeypointDetector(8, method="dog")(batch).positions
+    assert torch.equal(together[0], KeypointDetector(8, method="dog")(batch[:1]).positions[0])
+    with pytest.raises(ValueError, match="method"):
+        KeypointDetector(8, method="sift")

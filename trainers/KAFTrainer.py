@@ -13,7 +13,8 @@ arXiv 2310.01680) inside nnU-Net, two stages chained through nnU-Net's ``-pretra
   concatenated (``fusion_channel_fraction`` of the stage's channels more); the next stage and the decoder take
   the wider features. The keypoints (``keypoint_count`` per slice) are found by the network in its own input
   (``KeypointDetector``: Shi–Tomasi corners where the authors use SIFT), so ``nnUNetv2_predict`` needs nothing
-  else and a slice's prediction does not depend on its batch. Architecture attributes change the network,
+  else and a slice's prediction does not depend on its batch; the ``_DoGKeypoints`` variants use SIFT's
+  difference-of-Gaussian detector instead, as the authors. Architecture attributes change the network,
   which ``nnUNetv2_predict`` rebuilds from the trainer's name: change them with a subclass, not an option.
 - **Pre-training** (§3.2–3.3), ``KAFPretrainTrainer``, no label read: batches of neighbouring-slice pairs with
   their relative positions (``NeighbourSliceDataLoader``) and
@@ -53,6 +54,7 @@ class KAFTrainer(nnUNetWeakTrainer):
     """The KAF network (keypoint fusion after every encoder stage), fine-tuned with nnU-Net's loss."""
 
     keypoint_count = 64
+    keypoint_detector = "corners"
     fusion_channel_fraction = 0.25
     fusion_dim = 256
     fusion_heads = 4
@@ -66,7 +68,7 @@ class KAFTrainer(nnUNetWeakTrainer):
         network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                            num_output_channels, enable_deep_supervision)
         attach_keypoint_fusion(network, cls.keypoint_count, cls.fusion_channel_fraction, cls.fusion_dim,
-                               cls.fusion_heads, cls.fusion_layers)
+                               cls.fusion_heads, cls.fusion_layers, cls.keypoint_detector)
         return network
 
     def _do_i_compile(self):
@@ -122,3 +124,15 @@ class KAFPretrainTrainer(KAFTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("No validation: KAF pre-training learns no segmentation. Fine-tune with KAFTrainer "
                                "-pretrained_weights on this run's checkpoint_final.pth.")
+
+
+class KAFTrainer_DoGKeypoints(KAFTrainer):
+    """KAFTrainer with SIFT's difference-of-Gaussian keypoints (the authors' detector) instead of corners."""
+
+    keypoint_detector = "dog"
+
+
+class KAFPretrainTrainer_DoGKeypoints(KAFPretrainTrainer):
+    """KAFPretrainTrainer with SIFT's difference-of-Gaussian keypoints (pre-trains ``KAFTrainer_DoGKeypoints``)."""
+
+    keypoint_detector = "dog"

@@ -81,20 +81,21 @@ class KeypointFusion(nn.Module):
 
 
 def attach_keypoint_fusion(network: nn.Module, keypoint_count: int, channel_fraction: float, dim: int = 256,
-                           heads: int = 4, layers: int = 2) -> list[KeypointFusion]:
+                           heads: int = 4, layers: int = 2, detector: str = "corners") -> list[KeypointFusion]:
     """A :class:`KeypointFusion` after every encoder stage of a 2D ``network`` (in place), appending
-    ``ceil(channel_fraction · C_stage)`` channels to stage ``s``; returns the layers, shallowest first."""
+    ``ceil(channel_fraction · C_stage)`` channels to stage ``s``, all fed by one ``KeypointDetector`` (``detector``:
+    its method); returns the layers, shallowest first."""
     encoder = encoder_of(network)
     if encoder.conv_op is not nn.Conv2d:
         raise ValueError(f"KAF's keypoint fusion works on 2D slices; this network's convolutions are "
                          f"{encoder.conv_op.__name__}. Train a 2D configuration.")
     if channel_fraction <= 0:
         raise ValueError(f"channel_fraction must be > 0, got {channel_fraction}")
-    detector = KeypointDetector(keypoint_count)
+    keypoints = KeypointDetector(keypoint_count, method=detector)
     layers_attached = []
     for index in range(len(encoder.stages)):
         channels = stage_channels(network, index)
         fusion = KeypointFusion(channels, math.ceil(channel_fraction * channels), dim, heads, layers)
-        attach_after_encoder_stage(network, index, fusion, input_context=detector, added_channels=fusion.out_channels)
+        attach_after_encoder_stage(network, index, fusion, input_context=keypoints, added_channels=fusion.out_channels)
         layers_attached.append(fusion)
     return layers_attached

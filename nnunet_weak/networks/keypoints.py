@@ -18,10 +18,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from kornia.feature import gftt_response
+from kornia.feature import BlobDoG, ScaleSpaceDetector, gftt_response
 from kornia.filters import gaussian_blur2d
+from kornia.geometry import ConvQuadInterp3d, ScalePyramid
 from kornia.geometry.subpix import nms2d
 from torch import nn
+
+#: the detectors :class:`KeypointDetector` offers
+DETECTORS = ("corners", "dog")
 
 
 class Keypoints(NamedTuple):
@@ -32,25 +36,32 @@ class Keypoints(NamedTuple):
 
 
 class KeypointDetector(nn.Module):
-    """``images (B, C, H, W)`` → :class:`Keypoints` with ``count`` per slice (:func:`detect_keypoints`); no parameters.
+    """``images (B, C, H, W)`` → :class:`Keypoints` with ``count`` per slice; no parameters.
 
     The network's own keypoint finder: attached as the ``input_context`` of its keypoint fusion layers
     (``nnunet_weak.networks.encoder_stages``), it runs once per forward pass on the network's input.
+    ``method``: ``"corners"`` (:func:`detect_keypoints`) or ``"dog"`` (:func:`detect_blob_keypoints`, SIFT's
+    detector, as the authors; about 0.13 s per 128×112 slice on a CPU core).
     """
 
-    def __init__(self, count: int, smoothing_sigma: float = 1.0, nms_size: int = 5):
+    def __init__(self, count: int, smoothing_sigma: float = 1.0, nms_size: int = 5, method: str = "corners"):
         super().__init__()
-        self.count, self.smoothing_sigma, self.nms_size = count, smoothing_sigma, nms_size
+        if method not in DETECTORS:
+            raise ValueError(f"method must be one of {DETECTORS}, got {method!r}")
+        self.count, self.smoothing_sigma, self.nms_size, self.method = count, smoothing_sigma, nms_size, method
 
     def forward(self, images: torch.Tensor) -> Keypoints:
         if images.dim() != 4:
             raise ValueError(f"KAF's keypoints are found on 2D slices (B, C, H, W); got an input of shape "
                              f"{tuple(images.shape)}. KAF supports 2D configurations only.")
-        positions, _ = detect_keypoints(images, self.count, self.smoothing_sigma, self.nms_size)
+        if self.method == "dog":
+            positions, _ = detect_blob_keypoints(images, self.count)
+        else:
+            positions, _ = detect_keypoints(images, self.count, self.smoothing_sigma, self.nms_size)
         return Keypoints(positions, tuple(images.shape[2:]))
 
     def extra_repr(self) -> str:
-        return f"count={self.count}, smoothing_sigma={self.smoothing_sigma}, nms_size={self.nms_size}"
+        return f"method={self.method}, count={self.count}"
 
 
 @torch.no_grad()
@@ -92,3 +103,32 @@ def _strongest_corners(image: torch.Tensor, count: int, smoothing_sigma: float, 
     strength, flat = torch.sort(response.flatten(1), dim=1, descending=True, stable=True)
     strength, flat = strength[:, :count], flat[:, :count]
     return torch.stack((flat // width, flat % width), dim=-1), strength
+
+
+@torch.no_grad()
+def detect_blob_keypoints(images: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` strongest difference-of-Gaussian extrema of each slice: SIFT's detector
+    (``kornia.feature.ScaleSpaceDetector`` with ``BlobDoG``, 3 scales per octave from σ 1.6 on the doubled image,
+    sub-pixel refinement, minima and maxima), centres rounded to pixels.
+
+    Args:
+        images: ``(B, C, H, W)``; the first channel is searched.
+        count: keypoints per slice.
+
+    Returns:
+        ``positions`` ``(B, count, 2)`` long ``(y, x)`` and ``strength`` ``(B, count)``, strongest first; a slice
+        with fewer extrema than ``count`` gets the rest at ``(0, 0)`` with strength 0.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    detector = ScaleSpaceDetector(count, resp_module=BlobDoG(), scale_pyr_module=ScalePyramid(3, 1.6, 32, True),
+                                  subpix_module=ConvQuadInterp3d(10), minima_are_also_good=True,
+                                  scale_space_response=True).to(images.device)
+    height, width = images.shape[2:]
+    positions, strengths = [], []
+    for i in range(images.shape[0]):  # one slice at a time, as detect_keypoints
+        frames, strength = detector(images[i:i + 1, :1].float())
+        centres = frames[0, :, :, 2].round().long()  # (count, 2) as (x, y)
+        positions.append(torch.stack((centres[:, 1].clamp(0, height - 1), centres[:, 0].clamp(0, width - 1)), -1))
+        strengths.append(strength[0])
+    return torch.stack(positions), torch.stack(strengths)
