@@ -100,6 +100,38 @@ def planned_phantom_semi(root: Path, dense_id: int, semi_id: int, configurations
     return folders, env
 
 
+def copy_workspace(folders: dict[str, Path], destination: Path) -> dict[str, Path]:
+    """A copy of nnU-Net's three folders under ``destination``, for a test that alters files."""
+    copies = {name: destination / name for name in NNUNET_FOLDERS}
+    for name in NNUNET_FOLDERS:
+        shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
+    return copies
+
+
+def scramble_preprocessed_labels(preprocessed: Path, cases, rng: np.random.Generator) -> None:
+    """Overwrite the preprocessed label maps of ``cases`` with random labels 0-3: a trainer that never reads them
+    must train exactly as before."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    for case in cases:
+        seg = np.asarray(nnUNetDatasetBlosc2(str(preprocessed), [case]).load_case(case)[1])
+        nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
+
+
+def stock_pretrain_then_finetune(folders: dict, env: dict, dataset_id: str, dataset: str, pretrain: str,
+                                 finetune: str) -> Path:
+    """``nnUNetv2_train`` of ``pretrain``, then of ``finetune`` with ``-pretrained_weights`` on its final checkpoint
+    (2d, fold 0); checks that the fine-tuning recorded that checkpoint and returns the fine-tuning's fold folder."""
+    results = folders["nnUNet_results"] / dataset
+    run_checked([BIN / "nnUNetv2_train", dataset_id, "2d", "0", "-tr", pretrain, "-device", "cpu"], env)
+    pretrained = results / f"{pretrain}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    run_checked([BIN / "nnUNetv2_train", dataset_id, "2d", "0", "-tr", finetune, "-device", "cpu",
+                 "-pretrained_weights", pretrained], env)
+    fold = results / f"{finetune}__nnUNetPlans__2d" / "fold_0"
+    record = json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))
+    assert record["pretrained_weights"]["file"] == str(pretrained.resolve())
+    return fold
+
+
 def assert_predictor_reproduces_validation(folders: dict, env: dict, dataset: str, trainer: str, work: Path) -> None:
     """``nnUNetv2_predict`` of fold 0's validation cases (2d, final checkpoint) gives exactly the predictions of the
     trainer's own validation: the rebuilt network is the one that was validated."""

@@ -3,17 +3,15 @@ moves once per step, queues fill, unlabelled label maps never read, exact resume
 loaded by the fine-tuning trainer through -pretrained_weights with its teacher reset to the loaded student,
 DDP (gloo, two processes), stock train → predict with the student alone."""
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import (BIN, PROBE, assert_predictor_reproduces_validation, planned_phantom_semi, probe, run_checked,
-                      subprocess_env)
+from conftest import (PROBE, assert_predictor_reproduces_validation, copy_workspace, planned_phantom_semi, probe,
+                      scramble_preprocessed_labels, stock_pretrain_then_finetune, subprocess_env)
 
 SEMI = "Dataset962_PhantomSemi"
 PRETRAIN = "ACTIONPretrainTrainer"
@@ -76,21 +74,15 @@ def test_finetuning_terms_act_and_the_teacher_follows_once_per_step(workspace, c
 
 @pytest.mark.parametrize("trainer", [PRETRAIN, FINETUNE])
 def test_unlabelled_label_maps_are_never_read(workspace, tmp_path, trainer):
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     folders, _ = workspace
-    copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
-    for name in NNUNET_FOLDERS:
-        shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
+    copies = copy_workspace(folders, tmp_path)
     options = "unsupervised_fraction=0" if trainer == PRETRAIN else STRADDLED
     env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0", NNUNET_WEAK_TRAINER_OPTIONS=options)
     before = probe(env, "steps", "962", "2d", trainer, "3")
-    rng = np.random.default_rng(0)
-    preprocessed = copies["nnUNet_preprocessed"] / SEMI / "nnUNetPlans_2d"
     manifest = json.loads((copies["nnUNet_raw"] / SEMI / "supervision.json").read_text(encoding="utf-8"))["cases"]
     unlabelled = [case for case, entry in manifest.items() if entry["supervision"] == "unlabelled"]
-    for case in unlabelled:
-        seg = np.asarray(nnUNetDatasetBlosc2(str(preprocessed), [case]).load_case(case)[1])
-        nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
+    scramble_preprocessed_labels(copies["nnUNet_preprocessed"] / SEMI / "nnUNetPlans_2d", unlabelled,
+                                 np.random.default_rng(0))
     assert probe(env, "steps", "962", "2d", trainer, "3") == before
 
 
@@ -130,14 +122,7 @@ def test_ddp_keeps_student_teacher_heads_and_queues_identical(workspace, trainer
 def test_stock_pretrain_then_finetune_then_predict_uses_the_student_alone(workspace, tmp_path):
     folders, env = workspace
     env = dict(env, nnUNet_n_proc_DA="1")
-    run_checked([BIN / "nnUNetv2_train", "962", "2d", "0", "-tr", PRETRAIN, "-device", "cpu"], env)
-    results = folders["nnUNet_results"] / SEMI
-    pretrained = results / f"{PRETRAIN}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
-    run_checked([BIN / "nnUNetv2_train", "962", "2d", "0", "-tr", FINETUNE, "-device", "cpu", "-pretrained_weights",
-                 pretrained], env)
-    fold = results / f"{FINETUNE}__nnUNetPlans__2d" / "fold_0"
-    record = json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))
-    assert record["pretrained_weights"]["file"] == str(pretrained.resolve())
+    fold = stock_pretrain_then_finetune(folders, env, "962", SEMI, PRETRAIN, FINETUNE)
     assert (fold / "validation" / "summary_dense.json").is_file()
 
     assert_predictor_reproduces_validation(folders, env, SEMI, FINETUNE, tmp_path)

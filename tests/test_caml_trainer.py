@@ -2,16 +2,15 @@
 unlabelled label maps never read, exact resume, DDP (gloo, two processes), stock train → predict."""
 import json
 import math
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import BIN, assert_predictor_reproduces_validation, PROBE, planned_phantom_semi, probe, run_checked, subprocess_env
+from conftest import (BIN, PROBE, assert_predictor_reproduces_validation, copy_workspace, planned_phantom_semi, probe,
+                      run_checked, scramble_preprocessed_labels, subprocess_env)
 
 SEMI = "Dataset982_PhantomSemi"
 TRAINER = "CAMLTrainer"
@@ -75,9 +74,7 @@ def test_pretrained_weights_reach_the_planned_network_and_the_shared_training_mo
 def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     folders, env = workspace
-    copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
-    for name in NNUNET_FOLDERS:
-        shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
+    copies = copy_workspace(folders, tmp_path)
     env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0")
     before = probe(env, "steps", "982", "2d", TRAINER, "3")
 
@@ -87,10 +84,8 @@ def test_unlabelled_label_maps_are_never_read(workspace, tmp_path):
     unlabelled = [case for case, entry in manifest.items() if entry["supervision"] == "unlabelled"]
     assert len(unlabelled) == 4
     dataset = nnUNetDatasetBlosc2(str(preprocessed), unlabelled)
-    for case in unlabelled:
-        seg = np.asarray(dataset.load_case(case)[1])
-        assert (seg == 4).all()  # all ignore
-        nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
+    assert all((np.asarray(dataset.load_case(case)[1]) == 4).all() for case in unlabelled)  # all ignore
+    scramble_preprocessed_labels(preprocessed, unlabelled, rng)
     assert not (np.asarray(nnUNetDatasetBlosc2(str(preprocessed), unlabelled).load_case(unlabelled[0])[1]) == 4).all()
     after = probe(env, "steps", "982", "2d", TRAINER, "3")
     assert after == before

@@ -3,15 +3,14 @@ strong and weak samples in every batch, both maps of a strong case aligned throu
 loss term and which branch it reaches, weak cases' dense labels never read, exact resume, DDP (gloo, two
 processes), stock train → predict."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import BIN, assert_predictor_reproduces_validation, planned_phantom_semi, probe, run_checked, subprocess_env
+from conftest import (BIN, assert_predictor_reproduces_validation, copy_workspace, planned_phantom_semi, probe, run_checked,
+                      scramble_preprocessed_labels, subprocess_env)
 
 DENSE = "Dataset970_PhantomDense"
 MIXED = "Dataset972_PhantomMixed"
@@ -25,13 +24,6 @@ def workspace(tmp_path_factory):
     folders, env = planned_phantom_semi(tmp_path_factory.mktemp("confkd"), 970, 972, ("2d", "3d_fullres"),
                                         supervision="mixed", name="PhantomMixed")
     return folders, dict(env, nnUNet_n_proc_DA="0")
-
-
-def copy_workspace(folders, destination):
-    copies = {name: destination / name for name in NNUNET_FOLDERS}
-    for name in NNUNET_FOLDERS:
-        shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
-    return copies
 
 
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
@@ -129,7 +121,6 @@ def test_dense_labels_of_weak_cases_never_reach_a_loss(workspace, tmp_path):
     env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0")
     before = probe(env, "steps", "972", "2d", TRAINER, "3")
 
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     rng = np.random.default_rng(0)
     manifest = json.loads((copies["nnUNet_raw"] / MIXED / "supervision.json").read_text(encoding="utf-8"))["cases"]
     weak_cases = [case for case, entry in manifest.items() if entry["supervision"] == "sparse"]
@@ -144,9 +135,8 @@ def test_dense_labels_of_weak_cases_never_reach_a_loss(workspace, tmp_path):
             sitk.WriteImage(noise, str(dense_file))
             scrambled += 1
         for configuration in ("2d", "3d_fullres"):
-            preprocessed = copies["nnUNet_preprocessed"] / DENSE / f"nnUNetPlans_{configuration}"
-            seg = np.asarray(nnUNetDatasetBlosc2(str(preprocessed), [case]).load_case(case)[1])
-            nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
+            scramble_preprocessed_labels(copies["nnUNet_preprocessed"] / DENSE / f"nnUNetPlans_{configuration}", [case],
+                                         rng)
             scrambled += 1
     assert scrambled == 16
     after = probe(env, "steps", "972", "2d", TRAINER, "3")

@@ -3,7 +3,6 @@ slices, no label is read, the decoder is not trained, exact resume; the pre-trai
 fine-tuning trainer's encoder strictly (a deeper or shallower attention stack is refused) with a fresh decoder;
 stock train → predict reproduces the validation."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -11,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_weak.environment import NNUNET_FOLDERS
 
-from conftest import (BIN, PROBE, assert_predictor_reproduces_validation, planned_phantom_semi, probe, run_checked,
-                      subprocess_env)
+from conftest import (PROBE, assert_predictor_reproduces_validation, copy_workspace, planned_phantom_semi, probe,
+                      scramble_preprocessed_labels, stock_pretrain_then_finetune, subprocess_env)
 
 SEMI = "Dataset992_PhantomSemi"
 PRETRAIN = "KAFPretrainTrainer"
@@ -53,19 +51,13 @@ def test_pretraining_terms_act_on_neighbouring_slices_and_leave_the_decoder_alon
 
 
 def test_pretraining_reads_no_label(workspace, tmp_path):
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     folders, _ = workspace
-    copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
-    for name in NNUNET_FOLDERS:
-        shutil.copytree(folders[name], copies[name]) if folders[name].is_dir() else copies[name].mkdir()
+    copies = copy_workspace(folders, tmp_path)
     env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0")
     before = probe(env, "steps", "992", "2d", PRETRAIN, "2")
-    rng = np.random.default_rng(0)
     preprocessed = copies["nnUNet_preprocessed"] / SEMI / "nnUNetPlans_2d"
-    for seg_file in preprocessed.glob("*_seg.b2nd"):
-        case = seg_file.name[:-len("_seg.b2nd")]
-        seg = np.asarray(nnUNetDatasetBlosc2(str(preprocessed), [case]).load_case(case)[1])
-        nnUNetDatasetBlosc2.save_seg(rng.integers(0, 4, seg.shape).astype(np.int16), str(preprocessed / f"{case}_seg"))
+    cases = [f.name[:-len("_seg.b2nd")] for f in preprocessed.glob("*_seg.b2nd")]
+    scramble_preprocessed_labels(preprocessed, cases, np.random.default_rng(0))
     assert probe(env, "steps", "992", "2d", PRETRAIN, "2")["losses"] == before["losses"]
 
 
@@ -120,12 +112,5 @@ def test_ddp_keeps_the_pretraining_network_and_heads_identical(workspace):
 def test_stock_pretrain_then_finetune_then_predict(workspace, tmp_path):
     folders, env = workspace
     env = dict(env, nnUNet_n_proc_DA="1")
-    run_checked([BIN / "nnUNetv2_train", "992", "2d", "0", "-tr", PRETRAIN, "-device", "cpu"], env)
-    results = folders["nnUNet_results"] / SEMI
-    pretrained = results / f"{PRETRAIN}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth"
-    run_checked([BIN / "nnUNetv2_train", "992", "2d", "0", "-tr", FINETUNE, "-device", "cpu", "-pretrained_weights",
-                 pretrained], env)
-    fold = results / f"{FINETUNE}__nnUNetPlans__2d" / "fold_0"
-    record = json.loads((fold / "nnunet_weak_run.json").read_text(encoding="utf-8"))
-    assert record["pretrained_weights"]["file"] == str(pretrained.resolve())
+    stock_pretrain_then_finetune(folders, env, "992", SEMI, PRETRAIN, FINETUNE)
     assert_predictor_reproduces_validation(folders, env, SEMI, FINETUNE, tmp_path)
