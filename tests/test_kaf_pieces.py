@@ -190,3 +190,27 @@ def test_neighbouring_slices_need_a_2d_patch_and_a_batch_of_two():
         NeighbourSliceDataLoader(SliceIndexDataset([4]), 4, (4, 16, 16), (4, 16, 16), labels)
     with pytest.raises(UserInputError, match="at least 2"):
         NeighbourSliceDataLoader(SliceIndexDataset([4]), 1, (16, 16), (16, 16), labels)
+
+
+def test_the_pretraining_loss_takes_positives_from_slice_positions_only():
+    from nnunet_weak.networks.keypoints import Keypoints
+    from nnunet_weak.networks.keypoint_pretraining import KeypointPretrainingOutput
+    from nnunet_weak.trainers.KAFTrainer import KAFPretrainTrainer
+    torch.manual_seed(4)
+    trainer = SimpleNamespace(position_threshold=0.35, temperature=0.1, lambda_cnn=1.0, lambda_keypoint=1.0,
+                              lambda_correspondence=0.0, _keypoint_correspondence=lambda *args: torch.tensor(0.0))
+    output = KeypointPretrainingOutput(torch.randn(6, 8), torch.randn(6, 8), torch.randn(6, 4, 16), torch.tensor(1.0),
+                                       Keypoints(torch.zeros(6, 4, 2, dtype=torch.long), (16, 16)))
+    positions = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.6, 1.0])
+    pairs = torch.tensor([3, 4, 5, 0, 1, 2])
+
+    def global_terms(**batch):
+        _, terms = KAFPretrainTrainer.compute_training_loss(trainer, None, None, output, **batch)
+        return terms["global_cnn"].item(), terms["global_keypoint"].item()
+
+    reference = global_terms(slice_position=positions, neighbour=pairs)
+    # other pairing and other case names: the same positives, the same loss
+    assert global_terms(slice_position=positions, neighbour=pairs.flip(0), keys=[f"case{i}" for i in range(6)]) == \
+        pytest.approx(reference, rel=1e-6)
+    other_positions = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+    assert global_terms(slice_position=other_positions, neighbour=pairs) != pytest.approx(reference)
