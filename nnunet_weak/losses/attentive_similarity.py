@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_weak.losses.local_window import (DEFAULT_TILE_ELEMENTS, LocalWindow, WindowTile,
-                                             at_least_single_precision, window_tiles)
+                                             at_least_single_precision, in_single_precision, window_tiles)
 
 
 def _check_inputs(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, window: LocalWindow):
@@ -63,6 +63,7 @@ class _AttentionLogNormaliser(torch.autograd.Function):
     """
 
     @staticmethod
+    @in_single_precision
     def forward(ctx, q, k, rows):
         log_z = torch.cat([torch.logsumexp(q[:, start:start + rows] @ k.transpose(1, 2), dim=-1)
                            for start in range(0, q.shape[1], rows)], dim=1)
@@ -119,6 +120,7 @@ class _TiledAttentiveEnergy(torch.autograd.Function):
         return attention_ij, attention_ji, symmetric, affinity, gated, dissimilarity
 
     @staticmethod
+    @in_single_precision
     def forward(ctx, q, k, log_z, y, w, b, inside, tiles):
         ctx.save_for_backward(q, k, log_z, y, w, b, inside)
         ctx.tiles = tiles
@@ -183,6 +185,7 @@ class _WholeGridAttentiveEnergy(torch.autograd.Function):
         return gaussian * inside_sample[:, None] * inside_sample[None, :]
 
     @staticmethod
+    @in_single_precision
     def forward(ctx, y, q, k, w, b, gaussian, inside):
         ctx.save_for_backward(y, q, k, w, b, gaussian, inside)
         total = y.new_zeros(())

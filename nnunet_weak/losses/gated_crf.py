@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_weak.losses.local_window import LocalWindow, at_least_single_precision, pair_slices
+from nnunet_weak.losses.local_window import LocalWindow, at_least_single_precision, in_single_precision, pair_slices
 
 
 def min_max_rescaled(image: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,6 +64,7 @@ class _MaskedGatedCRFEnergy(torch.autograd.Function):
     """
 
     @staticmethod
+    @in_single_precision
     def forward(ctx, probabilities, image, unannotated, inside, window, inverse_two_sigma2):
         ctx.save_for_backward(probabilities, image, unannotated, inside)
         ctx.window, ctx.inverse_two_sigma2 = window, inverse_two_sigma2

@@ -190,3 +190,17 @@ def window_tiles(window: LocalWindow, grid: tuple[int, ...], batch: int, max_ele
 def at_least_single_precision(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in float32, or float64 if it already is (pairwise sums in half precision lose too much)."""
     return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def in_single_precision(forward):
+    """Decorator of a ``torch.autograd.Function.forward``: floating inputs in at least single precision and autocast
+    off for their device (CPU or CUDA), so that the forward pass computes in the precision its hand-written backward
+    pass recomputes in (autograd runs ``backward`` without autocast), whatever autocast nnU-Net's training step
+    has on. Gradients reach the inputs in their own dtype (autograd casts them)."""
+    @functools.wraps(forward)
+    def single_precision_forward(ctx, *args):
+        args = [at_least_single_precision(a) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        device = next(a.device for a in args if torch.is_tensor(a))
+        with torch.autocast(device_type=device.type, enabled=False):
+            return forward(ctx, *args)
+    return single_precision_forward

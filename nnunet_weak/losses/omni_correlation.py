@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from nnunet_weak.losses.local_window import in_single_precision
+
 
 def agreeing_confident_voxels(first: torch.Tensor, second: torch.Tensor, max_per_class: int = 12800) -> torch.Tensor:
     """Flat indices of the voxels to compare, sorted by class then by decreasing confidence.
@@ -90,10 +92,10 @@ def _correlations(first: torch.Tensor, second: torch.Tensor, scaled_memory: torc
 class OmniCorrelationFunction(torch.autograd.Function):
     """``L_omni`` of ``(n, D)`` embeddings against ``(m, D)`` memory already divided by ``τ``, computed
     ``rows_per_chunk`` rows at a time with the closed-form gradients of the module docstring (none for the
-    memory). Under CUDA autocast it runs in float32: the softmax over 1,024 sharp logits needs it."""
+    memory). Under autocast it runs in float32: the softmax over 1,024 sharp logits needs it."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    @in_single_precision
     def forward(ctx, first, second, scaled_memory, rows_per_chunk: int):
         per_row = first.new_empty(len(first))
         for start in range(0, len(first), rows_per_chunk):
@@ -106,7 +108,6 @@ class OmniCorrelationFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss):
         first, second, scaled_memory, per_row = ctx.saved_tensors
         scale = grad_loss / len(first)
