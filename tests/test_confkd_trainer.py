@@ -204,3 +204,13 @@ def test_stock_train_then_predict_uses_the_student_decoder(workspace, tmp_path):
     assert (fold / "validation" / "summary_dense.json").is_file()
 
     assert_predictor_reproduces_validation(folders, env, MIXED, TRAINER, tmp_path)
+
+
+@pytest.mark.parametrize("trainer, stays_compiled", [("nnUNetWeakTrainer", True), (TRAINER, False)])
+def test_torch_compile_leaves_checkpoints_the_predictor_loads(workspace, tmp_path, trainer, stays_compiled):
+    # nnU-Net compiles on CUDA; a compiled module inside a TrainingNetwork would save '_orig_mod.' keys
+    _, env = workspace
+    result = probe(env, "compiled", "972", "2d", trainer, str(tmp_path / "checkpoint.pth"))
+    assert (result["network"] == "OptimizedModule") == stays_compiled
+    assert result["keys"] and not any("_orig_mod" in key for key in result["keys"])
+    assert any(key.startswith("encoder.stages.0.") for key in result["keys"])

@@ -154,6 +154,18 @@ def pretrained(dataset, configuration, trainer_name, checkpoint):
                       "teachers_equal_students": teachers_equal_students}))
 
 
+def compiled(dataset, configuration, trainer_name, path):
+    """The trainer initialised as nnU-Net does on CUDA, with torch.compile on (lazy: nothing runs); what self.network
+    is, and the keys of the planned network's weights in the checkpoint written to PATH."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, "nnUNetPlans", device=torch.device("cpu"))
+    type(trainer)._do_i_compile = lambda self: True
+    trainer.initialize()
+    trainer.save_checkpoint(path)
+    keys = list(torch.load(path, weights_only=False)["network_weights"])
+    print(json.dumps({"network": type(trainer.network).__name__, "keys": keys}))
+
+
 def initial(dataset, configuration, trainer_name):
     from nnunetv2.run.run_training import get_trainer_from_args
     seeded(int.from_bytes(os.urandom(4), "little"))
@@ -222,4 +234,5 @@ def ddp(dataset, configuration, trainer_name, steps="1"):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, *arguments = sys.argv[1:]
-    {"steps": steps, "targets": targets, "resume": resume, "checkpoint": checkpoint, "pretrained": pretrained, "initial": initial, "ddp": ddp}[mode](*arguments)
+    {"steps": steps, "targets": targets, "resume": resume, "checkpoint": checkpoint, "pretrained": pretrained, "initial": initial, "ddp": ddp,
+     "compiled": compiled}[mode](*arguments)

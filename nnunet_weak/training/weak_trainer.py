@@ -212,9 +212,18 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         return network
 
     def configure_optimizers(self):
-        # nnU-Net calls this after building self.network and before wrapping it in DDP: the one place
-        # where training-only modules can join it so that the optimiser, clipping and DDP cover them
-        self.network = self.training_network(self.network).to(self.device)
+        # nnU-Net calls this after building (and, on CUDA, compiling) self.network and before wrapping it in DDP:
+        # the one place where training-only modules can join it so that the optimiser, clipping and DDP cover them
+        planned = unwrap_network(self.network)
+        trained = self.training_network(planned)
+        if trained is planned:
+            trained = self.network  # compiled, if nnU-Net compiled it
+        elif planned is not self.network:
+            # a compiled module inside a TrainingNetwork saves its weights as '_orig_mod.*', which
+            # nnUNetv2_predict cannot load, and the training forward passes are not what was compiled
+            self.print_to_log_file(f"INFO: torch.compile disabled: {self.__class__.__name__} trains the planned network "
+                                   f"inside a {type(trained).__name__} with training-only modules.")
+        self.network = trained.to(self.device)
         return super().configure_optimizers()
 
     def set_deep_supervision_enabled(self, enabled: bool):
