@@ -105,6 +105,17 @@ def test_oversampling_centres_labelled_samples_only_and_unlabelled_crops_are_uni
     assert len(origins) > 20 and unlabelled.oversample_foreground_percent == 0 and not unlabelled.has_ignore
 
 
+def test_a_labelled_stream_of_one_sample_still_oversamples_a_third_of_the_time():
+    # nnU-Net's rule, round(B * (1 - 0.33)) samples first without oversampling, leaves none for B = 1
+    np.random.seed(0)
+    labelled = two_stream_loader(1, 2, 0.33).first
+    assert np.mean([labelled.get_do_oversample(0) for _ in range(3000)]) == pytest.approx(0.33, abs=0.03)
+    # streams where the rule oversamples some samples keep it: the last round(0.33 B)
+    for size, expected in ((2, [False, True]), (6, [False] * 4 + [True] * 2)):
+        stream = two_stream_loader(size, 2, 0.33).first
+        assert [stream.get_do_oversample(i) for i in range(size)] == expected
+
+
 def test_a_second_annotated_stream_keeps_oversampling_and_names_the_mask():
     """Mixed supervision: dense cases first, weakly labelled ones second, both centred on annotations."""
     np.random.seed(0)

@@ -8,7 +8,8 @@ weakly labelled ones. :class:`TwoStreamDataLoader` composes such a batch from tw
 loaders. For semi-supervised batches (the defaults):
 
 - the **labelled stream** is an ``nnUNetDataLoader`` over the labelled cases, with nnU-Net's
-  foreground oversampling (a fraction of its samples centred on a foreground voxel);
+  foreground oversampling (a fraction of its samples centred on a foreground voxel; in a stream too
+  small for nnU-Net's rule to oversample any, each sample with that probability);
 - the **unlabelled stream** is an ``nnUNetDataLoader`` over the unlabelled cases, without
   oversampling and with uniform random crops: an unlabelled case has no annotated voxel to centre on.
 
@@ -77,6 +78,13 @@ class TwoStreamDataLoader(DataLoader):
     def __init__(self, first: nnUNetDataLoader, second: nnUNetDataLoader, mask_name: str = "labelled",
                  second_unannotated: bool = True):
         super().__init__((first, second), first.batch_size + second.batch_size, 1, None, True, False, True)
+        for stream in (first, second):
+            if (stream.get_do_oversample == stream._oversample_last_XX_percent
+                    and stream.oversample_foreground_percent > 0
+                    and not any(stream.get_do_oversample(i) for i in range(stream.batch_size))):
+                # nnU-Net oversamples the last round(p·B) samples of a batch: none in a stream of one sample
+                # (p = 1/3, the LA set-up), so each sample is oversampled with probability p instead
+                stream.get_do_oversample = stream._probabilistic_oversampling
         if second_unannotated:
             second.oversample_foreground_percent = 0.0
             # nnU-Net centres crops of ignore-label datasets on annotated voxels; an unlabelled case has none,
