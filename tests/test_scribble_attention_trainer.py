@@ -12,13 +12,13 @@ import torch
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
-from nnunet_weak.environment import NNUNET_FOLDERS
 from nnunet_weak.trainers.nnUNetWeakTrainer import nnUNetWeakTrainer, nnUNetWeakTrainer_nearestDSTargets
 from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer
 from nnunet_weak.transforms.image_extent import AppendImageExtentChannel, split_image_extent
 from nnunet_weak.transforms.sparse_downsampling import SparsePreservingDownsampleSegForDSTransform
 
-from conftest import BIN, planned_phantom_twins, probe, run_checked, subprocess_env
+from conftest import (BIN, copy_workspace, planned_phantom_twins, probe, run_checked, scramble_preprocessed_labels,
+                      subprocess_env)
 
 DENSE, SPARSE = "Dataset960_PhantomDense", "Dataset961_PhantomScribble"
 TRAINER = "ScribbleAttentionTrainer"
@@ -48,10 +48,10 @@ def test_training_steps_use_every_term(workspace, configuration):
 
 
 def test_losses_never_read_dense_labels(workspace, tmp_path):
+    """Every dense label on disk is scrambled: the scribble dataset's labelsTr_dense, the dense twin's raw labelsTr,
+    its preprocessed gt_segmentations and its preprocessed label arrays; three training steps do not change."""
     folders, env = workspace
-    copies = {name: tmp_path / name for name in NNUNET_FOLDERS}
-    for name in NNUNET_FOLDERS:
-        shutil.copytree(folders[name], copies[name])
+    copies = copy_workspace(folders, tmp_path)
     env = subprocess_env(copies, NNUNET_WEAK_BUDGET="smoke", nnUNet_n_proc_DA="0")
     before = probe(env, "steps", "961", "2d", TRAINER, "3")
 
@@ -65,6 +65,12 @@ def test_losses_never_read_dense_labels(workspace, tmp_path):
         scrambled = sitk.GetImageFromArray(rng.integers(0, 4, sitk.GetArrayFromImage(image).shape).astype(np.uint8))
         scrambled.CopyInformation(image)
         sitk.WriteImage(scrambled, str(path))
+    preprocessed = [folder for folder in (copies["nnUNet_preprocessed"] / DENSE).glob("nnUNetPlans_*")
+                    if folder.is_dir()]
+    cases = [f.name[:-len("_seg.b2nd")] for f in preprocessed[0].glob("*_seg.b2nd")]
+    assert preprocessed and len(cases) >= 5
+    for folder in preprocessed:
+        scramble_preprocessed_labels(folder, cases, rng)
     after = probe(env, "steps", "961", "2d", TRAINER, "3")
     assert after == before
     assert any(step["gated_crf"] > 0 for step in after["losses"])
