@@ -90,8 +90,8 @@ class KAFPretrainTrainer(KAFTrainer):
     def training_network(self, network):
         return KeypointPretrainingNetwork(network, self.embedding_size)
 
-    def training_data_loader(self, make_loader, initial_patch_size, transforms):
-        loader = make_loader(self.do_split()[0], self.batch_size, initial_patch_size, transforms,
+    def training_data_loader(self, make_loader, initial_patch_size, transforms, training_keys):
+        loader = make_loader(training_keys, self.batch_size, initial_patch_size, transforms,
                              loader_class=NeighbourSliceDataLoader)
         self.print_to_log_file(f"Neighbouring-slice batches: {loader.pairs} pairs per GPU; labels are not used.")
         return loader

@@ -34,10 +34,9 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
     #: the ``nnunet-weak convert`` option that makes a dataset with both kinds, for the error messages
     conversion_hint = "--supervision semi --labelled_count N"
 
-    def stream_keys(self) -> tuple[list[str], list[str], list[str]]:
-        """This fold's training cases of the first and of the second stream (``stream_supervision``, from one split
-        and the supervision manifest), and its labelled validation cases, which nnU-Net's per-epoch pseudo-Dice
-        may use."""
+    def stream_keys(self, training_keys: list[str]) -> tuple[list[str], list[str]]:
+        """This fold's training cases of the first and of the second stream (``stream_supervision``, from the
+        supervision manifest)."""
         manifest = self.supervision_manifest
         if manifest is None:
             raise UserInputError(
@@ -45,15 +44,15 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
                 f"nnUNet_raw to tell {self.streams[0]} from {self.streams[1]} cases, and it was not found. Convert "
                 f"the dataset with 'nnunet-weak convert ... {self.conversion_hint}' and keep its raw folder in "
                 f"nnUNet_raw.")
-        tr_keys, val_keys = self.do_split()
-        streams = [[k for k in tr_keys if manifest.cases[k].supervision in kinds] for kinds in self.stream_supervision]
+        streams = [[k for k in training_keys if manifest.cases[k].supervision in kinds]
+                   for kinds in self.stream_supervision]
         for name, keys in zip(self.streams, streams):
             if not keys:
                 raise UserInputError(
                     f"Fold {self.fold} of {self.plans_manager.dataset_name} has no {name} training case, so its batches "
                     f"cannot mix {self.streams[0]} and {self.streams[1]} samples. Check the supervision manifest "
                     f"('nnunet-weak convert ... {self.conversion_hint}') and the split (splits_final.json).")
-        return streams[0], streams[1], [k for k in val_keys if manifest.cases[k].is_labelled]
+        return streams[0], streams[1]
 
     def first_stream_per_batch(self) -> int:
         """Samples of the first stream per batch (0: half the batch, rounded up)."""
@@ -65,10 +64,10 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
         cases of both streams."""
         return self.folder_with_segs_from_previous_stage
 
-    def training_data_loader(self, make_loader, initial_patch_size, transforms):
+    def training_data_loader(self, make_loader, initial_patch_size, transforms, training_keys):
         """The two-stream training loader (``nnUNetWeakTrainer.training_data_loader``)."""
         first_count, second_count = split_batch(self.batch_size, self.first_stream_per_batch(), self.streams)
-        first_keys, second_keys, _ = self.stream_keys()
+        first_keys, second_keys = self.stream_keys(training_keys)
         self.print_to_log_file(f"Two-stream batches: {first_count} {self.streams[0]} (of {len(first_keys)} cases) + "
                                f"{second_count} {self.streams[1]} (of {len(second_keys)} cases) per GPU.")
         appended_segs = self.training_target_folder(first_keys, second_keys)
@@ -77,11 +76,11 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
             make_loader(second_keys, second_count, initial_patch_size, transforms, appended_segs),
             mask_name=self.streams[0], second_unannotated=self.second_stream_unannotated)
 
-    def pseudo_dice_validation_keys(self) -> tuple[list[str], bool]:
+    def pseudo_dice_validation_keys(self, validation_keys):
         # nnU-Net's per-epoch pseudo-Dice can only count annotated voxels: unlabelled validation cases
         # (scored on their dense labels after training) have none, and are used only when there is nothing else
-        annotated = self.stream_keys()[2]
-        return (annotated, True) if annotated else (self.do_split()[1], False)
+        annotated = [k for k in validation_keys if self.supervision_manifest.cases[k].is_labelled]
+        return (annotated, True) if annotated else (validation_keys, False)
 
 
 class SemiSupervisedTrainer(TwoStreamTrainer):

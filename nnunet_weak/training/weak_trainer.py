@@ -492,8 +492,9 @@ class nnUNetWeakTrainer(nnUNetTrainer):
                                 sampling_probabilities=None, pad_sides=None, transforms=transforms,
                                 probabilistic_oversampling=self.probabilistic_oversampling)
 
-        training_loader = self.training_data_loader(make_loader, initial_patch_size, training_transforms)
-        validation_keys, annotated = self.pseudo_dice_validation_keys()
+        training_keys, validation_keys = self.do_split()
+        training_loader = self.training_data_loader(make_loader, initial_patch_size, training_transforms, training_keys)
+        validation_keys, annotated = self.pseudo_dice_validation_keys(validation_keys)
         validation_loader = make_loader(validation_keys, self.batch_size, patch_size, validation_transforms)
         if not annotated:
             validation_loader.has_ignore = False
@@ -515,15 +516,16 @@ class nnUNetWeakTrainer(nnUNetTrainer):
         next(validation)
         return training, validation
 
-    def training_data_loader(self, make_loader, initial_patch_size, transforms):
-        """The training loader: nnU-Net's over this fold's training cases. ``make_loader(keys, batch_size,
-        patch_size, transforms, appended_segs=..., loader_class=nnUNetDataLoader)`` builds one as nnU-Net does."""
-        return make_loader(self.do_split()[0], self.batch_size, initial_patch_size, transforms)
+    def training_data_loader(self, make_loader, initial_patch_size, transforms, training_keys: list[str]):
+        """The training loader: nnU-Net's over ``training_keys`` (this fold's, from ``do_split``). ``make_loader(keys,
+        batch_size, patch_size, transforms, appended_segs=..., loader_class=nnUNetDataLoader)`` builds one as nnU-Net
+        does."""
+        return make_loader(training_keys, self.batch_size, initial_patch_size, transforms)
 
-    def pseudo_dice_validation_keys(self) -> tuple[list[str], bool]:
-        """The validation cases of nnU-Net's per-epoch pseudo-Dice, and whether they carry annotated voxels (else
-        crops are uniform, not centred on annotations)."""
-        return self.do_split()[1], True
+    def pseudo_dice_validation_keys(self, validation_keys: list[str]) -> tuple[list[str], bool]:
+        """Of this fold's validation cases, those of nnU-Net's per-epoch pseudo-Dice, and whether they carry annotated
+        voxels (else crops are uniform, not centred on annotations)."""
+        return validation_keys, True
 
     @classmethod
     def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
