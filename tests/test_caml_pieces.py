@@ -1,5 +1,6 @@
 """CAML's pieces on their own: the second network's up-sampling, the decoder feature tap, cross-sample
 attention, the omni-correlation loss and its voxel choice, the memory bank (with two gloo ranks)."""
+import copy
 import math
 
 import pytest
@@ -198,10 +199,80 @@ def test_the_bank_takes_only_annotated_labelled_voxels_that_both_networks_predic
     target[1] = 0                                         # garbage on the unlabelled sample: never read
     first = torch.nn.functional.one_hot(first_labels, 3).movedim(-1, 1).float()
     second = torch.nn.functional.one_hot(second_labels, 3).movedim(-1, 1).float()
-    output = MutualLearningOutput([first], [second], torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4))
+    output = MutualLearningOutput([first], [second], torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4),
+                                  torch.zeros(0, 32), torch.zeros(0, 32), False)
     CAMLTrainer._update_memory_bank(trainer, networks, output, first, second, target, labelled)
 
     correct = (target[0, 0] != 3) & (first_labels[0] == target[0, 0]) & (second_labels[0] == target[0, 0])
     expected = [int((correct & (target[0, 0] == c)).sum()) for c in range(3)]
     assert sum(expected) == 16 - 4 - 2 - 3
     assert networks.memory_bank.filled.tolist() == expected
+
+
+def _head_calls(networks) -> dict:
+    """Per head, the training flags of its BatchNorm at each call (filled by forward hooks)."""
+    calls = {}
+    for name in ("first_projection", "first_prediction", "second_projection", "second_prediction"):
+        norm = getattr(networks, name)[1]
+        calls[name] = []
+        norm.register_forward_hook(lambda module, inputs, output, name=name: calls[name].append(module.training))
+    return calls
+
+
+def test_omni_queries_embed_the_chosen_unlabelled_voxels_and_run_every_head_once_whatever_the_data():
+    from nnunet_weak.networks.mutual_learning import MutualLearningNetworks, voxel_rows
+
+    torch.manual_seed(0)
+    networks = MutualLearningNetworks(small_unet("plain", 2), small_unet("plain", 2), num_classes=3,
+                                      omni_voxels_per_class=5)
+    calls = _head_calls(networks)
+    logits = torch.randn(3, 3, 4, 4)
+    features = [torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)]
+    labelled = torch.tensor([True, False, False])
+    first_queries, second_queries, chosen = networks.omni_queries(logits, logits, *features, labelled)
+    probabilities = torch.softmax(logits[1:], 1).movedim(1, -1).reshape(-1, 3)
+    voxels = agreeing_confident_voxels(probabilities, probabilities, 5)
+    assert chosen and len(voxels) == 15
+    assert calls == {name: [True] for name in calls}
+    assert first_queries.shape == second_queries.shape == (15, 32)
+    # the heads' training-mode output on exactly the chosen voxels (copies, so that the hooks do not count them)
+    for (projection, prediction), rows, queries in (
+            (("first_projection", "first_prediction"), voxel_rows(features[0][1:], voxels), first_queries),
+            (("second_projection", "second_prediction"), voxel_rows(features[1][1:], voxels), second_queries)):
+        heads = copy.deepcopy(torch.nn.Sequential(getattr(networks, projection), getattr(networks, prediction)))
+        torch.testing.assert_close(queries, heads(rows))
+
+    # a rank whose batch has no unlabelled sample, or networks that agree nowhere: the same calls, flagged unusable
+    for labels, second in ((torch.ones(3, dtype=torch.bool), logits), (labelled, -logits)):
+        for name in calls:
+            calls[name].clear()
+        first_queries, second_queries, chosen = networks.omni_queries(logits, second, *features, labels)
+        assert not chosen and first_queries.shape == second_queries.shape == (2, 32)
+        assert calls == {name: [True] for name in calls}
+
+
+def test_memory_entries_use_the_heads_in_eval_mode_and_leave_their_statistics_alone():
+    from nnunet_weak.networks.mutual_learning import MutualLearningNetworks
+
+    torch.manual_seed(0)
+    networks = MutualLearningNetworks(small_unet("plain", 2), small_unet("plain", 2), num_classes=3)
+    for head in (networks.first_projection, networks.second_projection):  # running statistics away from (0, 1)
+        head[1].running_mean.uniform_(-1, 1)
+        head[1].running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in networks.state_dict().items()}
+    calls = _head_calls(networks)
+    first_rows, second_rows = torch.randn(1, 4), torch.randn(1, 4)  # one row: a training-mode BatchNorm refuses it
+    entries = networks.memory_entries(first_rows, second_rows)
+
+    def eval_projection(head, rows):
+        norm = head[1]
+        hidden = (head[0](rows) - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        return head[3](torch.relu(hidden))
+
+    expected = (eval_projection(networks.first_projection, first_rows)
+                + eval_projection(networks.second_projection, second_rows)) / 2
+    torch.testing.assert_close(entries, expected)
+    assert not entries.requires_grad
+    assert calls["first_projection"] == calls["second_projection"] == [False]
+    assert networks.training and networks.first_projection.training and networks.second_projection.training
+    assert all(torch.equal(before[k], v) for k, v in networks.state_dict().items())

@@ -36,14 +36,25 @@ def test_batches_mix_labelled_and_unlabelled_cases_and_every_term_acts(workspace
     ramp = math.exp(-5)  # epoch 0 of the ramp-up
     for step in result["losses"]:
         assert all(np.isfinite(v) for v in step.values())
-        assert step["supervised"] > 0 and step["cross_consistency"] > 0 and step["omni_correlation"] >= 0
+        assert step["supervised"] > 0 and step["cross_consistency"] > 0 and step["omni_correlation"] > 0
         assert step["loss"] == pytest.approx(0.5 * step["supervised"] + ramp * step["cross_consistency"]
                                              + 0.05 * ramp * step["omni_correlation"], rel=1e-5)
     assert result["after_optimizer_step_calls"] == 2
     gradients = result["parameters"]
     assert any(name.startswith("second_network.") and "block.cross_sample" in name and g[1] > 0
                for name, g in gradients.items())
-    assert gradients["first_projection.0.weight"][1] is not None
+
+
+def test_the_omni_correlation_term_alone_trains_the_first_networks_heads(workspace):
+    _, env = workspace
+    # the first network's heads embed the queries, which only L_omni uses (bank entries carry no gradient)
+    heads = ("first_projection.0.weight", "first_projection.3.weight", "first_prediction.0.weight",
+             "first_prediction.3.weight")
+    for lambda_omni in (0.05, 0):
+        result = probe(dict(env, NNUNET_WEAK_TRAINER_OPTIONS=f"lambda_omni={lambda_omni}"), "steps", "982", "2d",
+                       TRAINER, "1")
+        assert result["losses"][0]["omni_correlation"] > 0
+        assert all((result["parameters"][name][1] > 0) == (lambda_omni > 0) for name in heads)
 
 
 def test_pretrained_weights_reach_the_planned_network_and_the_shared_training_modules(workspace, tmp_path):
@@ -97,16 +108,16 @@ def test_resume_restores_both_networks_heads_and_bank(workspace):
     assert result["same_keys"] and result["same_state"] and result["same_after_step"]
 
 
-def test_ddp_keeps_networks_heads_and_bank_in_sync_with_two_streams_per_rank(workspace):
+def test_ddp_with_sync_batch_norm_keeps_networks_heads_and_bank_in_sync_when_one_rank_selects_nothing(workspace):
     _, env = workspace
-    result = probe(env, "ddp", "982", "2d", TRAINER)
+    # nnU-Net's DDP set-up makes the heads' BatchNorm a SyncBatchNorm: a rank that skipped a head call would leave
+    # the ranks' collectives unmatched; rank 1 selects no unlabelled voxel, at every one of three steps
+    result = probe(dict(env, PROBE_NO_SELECTED_VOXELS_ON_RANK="1"), "ddp", "982", "2d", TRAINER, "3")
+    assert result["batch_norms"] == ["SyncBatchNorm"]
     assert result["modules_with_parameters_outside_network"] == []
-    assert result["different"] == []
-    # only the heads' BatchNorm statistics of the local batch (SyncBatchNorm on GPUs), unused by any loss
-    assert all(".".join(n.split(".")[1:2]).endswith(("projection", "prediction"))
-               for n in result["different_batchnorm_statistics"])
+    assert result["different"] == []  # parameters, memory bank and the synchronised BatchNorm statistics
     assert [loss["labelled"] for loss in result["losses"]] == [[True, True, False]] * 2
-    assert result["losses"][0]["loss"] != result["losses"][1]["loss"]
+    assert result["losses"][0]["omni_correlation"] > 0 and result["losses"][1]["omni_correlation"] == 0
 
 
 @pytest.mark.slow

@@ -12,14 +12,15 @@ from conftest import small_unet
 
 
 class AppendZeros(torch.nn.Module):
-    """Appends ``added`` all-zero channels: a widened network must then compute exactly what the plain one did."""
+    """Appends ``added`` channels of ``value``, 0 by default: a widened network must then compute exactly what the
+    plain one did."""
 
-    def __init__(self, added):
+    def __init__(self, added, value=0.0):
         super().__init__()
-        self.added = added
+        self.added, self.value = added, value
 
     def forward(self, x):
-        return torch.cat((x, x.new_zeros((x.shape[0], self.added, *x.shape[2:]))), 1)
+        return torch.cat((x, x.new_full((x.shape[0], self.added, *x.shape[2:]), self.value)), 1)
 
 
 def sample(dims, batch=2):
@@ -34,17 +35,20 @@ def test_widening_a_plain_stage_keeps_the_network_it_was(dims, stage):
     network = small_unet("plain", dims).eval()
     plain = copy.deepcopy(network)
     channels = stage_channels(network, stage)
-    attach_after_encoder_stage(network, stage, AppendZeros(3), added_channels=3)
+    block = AppendZeros(3)
+    attach_after_encoder_stage(network, stage, block, added_channels=3)
     assert stage_channels(network, stage) == channels + 3
     x = sample(dims)
     with torch.no_grad():
         for widened, original in zip(network(x), plain(x)):
             torch.testing.assert_close(widened, original)
-    # the added input weights are trained like the others
+    # the added input weights are trained like the others (non-zero added channels give them a gradient)
+    block.value = 1.0
     network.train()
     network(x)[0].sum().backward()
     consumer = network.decoder.transpconvs[0] if stage == 3 else network.encoder.stages[stage + 1][-1].convs[0].conv
-    assert consumer.in_channels == channels + 3 and consumer.weight.grad is not None
+    added_weights = consumer.weight.grad[channels:] if stage == 3 else consumer.weight.grad[:, channels:]
+    assert consumer.in_channels == channels + 3 and added_weights.abs().sum() > 0
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -16,9 +16,10 @@ from the environment once, when ``nnunetv2.paths`` is imported. Modes:
   equal their students, and what it recorded.
 - ``initial DATASET CONFIG TRAINER``: a trainer built from a random global state (as ``nnUNetv2_train``
   would be); a checksum of its initial weights, which ``NNUNET_WEAK_SEED`` alone must decide.
-- ``ddp DATASET CONFIG TRAINER [STEPS]``: two gloo processes, the trainer's network wrapped in DDP as
-  nnU-Net does, STEPS steps (default 1) each on different batches; whether every parameter and buffer
-  ended identical on both ranks, and each rank's last loss and stream mask.
+- ``ddp DATASET CONFIG TRAINER [STEPS]``: two gloo processes through nnU-Net's own DDP set-up (SyncBatchNorm
+  included, CPU stand-ins for what needs CUDA), the planned batch on each rank, STEPS steps (default 1) each on
+  different batches; whether every parameter and buffer ended identical on both ranks, and each rank's last
+  loss and stream mask. ``PROBE_NO_SELECTED_VOXELS_ON_RANK=R``: CAML selects no unlabelled voxel on rank R.
 """
 import json
 import os
@@ -174,17 +175,59 @@ def initial(dataset, configuration, trainer_name):
     print(json.dumps({"checksum": float(sum(p.detach().double().sum() for p in trainer.network.parameters()))}))
 
 
+def _cpu_sync_batch_norm(self, input):
+    """SyncBatchNorm's training forward on CPU, where torch's refuses to run: the per-channel sum, sum of squares and
+    count of every rank's input, combined by one autograd-aware all-reduce (one collective forward, one backward,
+    as torch's all-gather and all-reduce), so that a rank that skips a call leaves the ranks' collectives
+    unmatched, as it would on GPUs."""
+    from torch.distributed.nn.functional import all_reduce
+    if not (self.training and torch.distributed.is_initialized()):
+        return torch.nn.modules.batchnorm._BatchNorm.forward(self, input)
+    dims = [0, *range(2, input.dim())]
+    channels = input.shape[1]
+    local = torch.cat([input.sum(dims), (input * input).sum(dims), input.new_tensor([input.numel() / channels])])
+    total = all_reduce(local)
+    count = total[-1]
+    mean = total[:channels] / count
+    variance = total[channels:2 * channels] / count - mean * mean
+    with torch.no_grad():
+        self.num_batches_tracked.add_(1)
+        self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+        self.running_var.mul_(1 - self.momentum).add_(self.momentum * variance * count / (count - 1))
+    shape = (1, channels) + (1,) * (input.dim() - 2)
+    normalised = (input - mean.view(shape)) / torch.sqrt(variance.view(shape) + self.eps)
+    return normalised * self.weight.view(shape) + self.bias.view(shape)
+
+
 def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file, steps):
+    from datetime import timedelta
+
     import torch.distributed as dist
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
     from torch.nn.parallel import DistributedDataParallel
-    trainer = make_trainer(dataset, configuration, trainer_name)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    # what nnU-Net does under -num_gpus 2 (whose trainers insist on CUDA), on CPU: a DDP-aware loss
-    # (its deep-supervision weights keep every output in use) and the network wrapped in DDP
-    trainer.is_ddp, trainer.local_rank = True, rank
-    trainer.loss = trainer._build_loss()
-    trainer.network = DistributedDataParallel(trainer.network)
+    # unmatched collectives fail within a minute instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    # nnU-Net's own DDP set-up (it sees the process group: per-rank batch size and oversampling, a DDP-aware loss,
+    # BatchNorm converted to SyncBatchNorm, DDP), with CPU stand-ins for what needs CUDA: the device, DDP's
+    # device_ids (CPU modules take none) and its refusal of SyncBatchNorm on CPU, SyncBatchNorm's training forward
+    # (same collectives, on CPU)
+    nnunet_trainer_module.DDP = lambda module, device_ids: DistributedDataParallel(module)
+    DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None
+    torch.nn.SyncBatchNorm.forward = _cpu_sync_batch_norm
+    seeded(0)
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, "nnUNetPlans", device=torch.device("cpu"))
+    trainer.device = torch.device("cpu")
+    # the planned batch on each rank (nnU-Net divides the global batch between ranks)
+    trainer.configuration_manager.configuration["batch_size"] *= 2
+    no_selection_rank = os.environ.get("PROBE_NO_SELECTED_VOXELS_ON_RANK")
+    if no_selection_rank is not None and int(no_selection_rank) == rank:
+        from nnunet_weak.networks import mutual_learning
+        mutual_learning.agreeing_confident_voxels = lambda first, *_: torch.zeros(0, dtype=torch.long,
+                                                                                 device=first.device)
+    trainer.initialize()
+    trainer.network.train()
     loader = batches(trainer, 100 + rank)
     seeded(rank)
     for _ in range(steps):
@@ -204,15 +247,9 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file, s
         inside = {id(p) for p in trainer.network.parameters()}
         outside = [name for name, value in vars(trainer).items() if isinstance(value, torch.nn.Module)
                    and any(id(p) not in inside for p in value.parameters())]
-        # BatchNorm statistics of one step's local batch: nnU-Net converts BatchNorm to SyncBatchNorm on
-        # GPUs, which does not run on CPU; reported apart
-        statistics = {f"{name}.{buffer}".lstrip(".") for name, module in trainer.network.named_modules()
-                      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-                      for buffer in ("running_mean", "running_var", "num_batches_tracked")}
-        different = [n for n, (a, b) in zip(state, gathered) if not torch.equal(a, b)]
-        result = {"different": [n for n in different if n not in statistics],
-                  "different_batchnorm_statistics": [n for n in different if n in statistics], "losses": losses,
-                  "modules_with_parameters_outside_network": outside,
+        norms = [type(m).__name__ for m in trainer.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        result = {"different": [n for n, (a, b) in zip(state, gathered) if not torch.equal(a, b)], "losses": losses,
+                  "modules_with_parameters_outside_network": outside, "batch_norms": sorted(set(norms)),
                   "trainable": sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)}
         with open(result_file, "w") as handle:
             json.dump(result, handle)

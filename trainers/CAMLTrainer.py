@@ -14,7 +14,7 @@ the supervision manifest). ``../shared/METHODS.md`` §5 specifies the method; th
   - ``L_cons`` (Eq. 8, from MC-Net+): ``sharpened_cross_consistency_loss``, T = 0.1, all samples.
   - ``L_omni`` (Eq. 6–7): ``omni_correlation_loss`` between the two networks' correlations to the
     memory bank (``ClassMemoryBank``: embeddings of labelled voxels that both networks predict
-    correctly), over the unlabelled voxels where both agree, the ``omni_voxels_per_class`` most
+    correctly, projected with the heads in eval mode as in the authors' code), over the unlabelled voxels where both agree, the ``omni_voxels_per_class`` most
     confident per class (``agreeing_confident_voxels``); τ = 0.1.
   - ``λ_c(t) = lambda_consistency · w(t)``, ``λ_o(t) = lambda_omni · w(t)``, ``w`` the ramp-up
     ``sigmoid_rampup`` over the first ``consistency_rampup`` of the epochs.
@@ -30,26 +30,15 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_weak.losses.mutual_consistency import sharpened_cross_consistency_loss
-from nnunet_weak.losses.omni_correlation import agreeing_confident_voxels, omni_correlation_loss
+from nnunet_weak.losses.omni_correlation import omni_correlation_loss
 from nnunet_weak.networks.decoder_stages import per_scale
 from nnunet_weak.networks.encoder_stages import unwrap_network
-from nnunet_weak.networks.mutual_learning import MutualLearningNetworks, MutualLearningOutput
+from nnunet_weak.networks.mutual_learning import MutualLearningNetworks, MutualLearningOutput, voxel_rows
 from nnunet_weak.training.memory_bank import correctly_predicted_labelled_voxels, evenly_spaced
 from nnunet_weak.training.schedules import sigmoid_rampup
 from nnunet_weak.training.semi_supervised import SemiSupervisedTrainer
 
 __all__ = ["CAMLTrainer"]
-
-
-def voxel_rows(tensor: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``(n, C)`` of ``(B, C, *spatial)`` at flat voxel indices over ``B × prod(spatial)``."""
-    per_sample = tensor[0, 0].numel()
-    return tensor.flatten(2)[flat_indices // per_sample, :, flat_indices % per_sample]
-
-
-def all_voxels(tensor: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *spatial)`` as ``(B · prod(spatial), C)``, voxel rows in flat-index order."""
-    return tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
 
 
 class CAMLTrainer(SemiSupervisedTrainer):
@@ -71,7 +60,11 @@ class CAMLTrainer(SemiSupervisedTrainer):
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision)
         return MutualLearningNetworks(network, second, self.label_manager.num_segmentation_heads,
-                                      attention_stride=self.attention_stride)
+                                      attention_stride=self.attention_stride,
+                                      omni_voxels_per_class=int(self.omni_voxels_per_class))
+
+    def training_forward_arguments(self, extras: dict) -> dict:
+        return {"labelled": extras["labelled"]}
 
     def consistency_weight(self) -> float:
         """``w(t)`` of the ramp-up at the current epoch."""
@@ -98,28 +91,22 @@ class CAMLTrainer(SemiSupervisedTrainer):
 
     def _omni_correlation(self, output: MutualLearningOutput, first: torch.Tensor, second: torch.Tensor,
                           target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-        """Update the memory bank from the labelled samples, then ``L_omni`` on the unlabelled ones."""
+        """Update the memory bank from the labelled samples, then ``L_omni`` on the queries of the forward pass."""
         networks: MutualLearningNetworks = unwrap_network(self.network)
         self._update_memory_bank(networks, output, first, second, target, labelled)
-        unlabelled = ~labelled
-        chosen = agreeing_confident_voxels(all_voxels(first[unlabelled]).detach(),
-                                           all_voxels(second[unlabelled]).detach(), int(self.omni_voxels_per_class))
         memory = networks.memory_bank.memory()
-        # every head takes part in every step's loss (zero-weighted when nothing is chosen), as DDP requires
-        omni = sum(p.sum() for head in networks.heads() for p in head.parameters()) * 0
-        if len(chosen) >= 2 and len(memory) > 0:  # BatchNorm needs two rows
-            first_queries = networks.first_prediction(networks.first_projection(
-                voxel_rows(output.first_features[unlabelled], chosen)))
-            second_queries = networks.second_prediction(networks.second_projection(
-                voxel_rows(output.second_features[unlabelled], chosen)))
-            omni = omni + omni_correlation_loss(first_queries, second_queries, memory, self.correlation_temperature)
-        return omni
+        if output.queries_chosen and len(memory) > 0:
+            return omni_correlation_loss(output.first_queries, output.second_queries, memory,
+                                         self.correlation_temperature)
+        # nothing to compare on this rank yet; the heads ran all the same and stay in the graph, as DDP requires
+        return (output.first_queries.sum() + output.second_queries.sum()) * 0
 
     def _update_memory_bank(self, networks: MutualLearningNetworks, output: MutualLearningOutput,
                             first: torch.Tensor, second: torch.Tensor, target: torch.Tensor,
                             labelled: torch.Tensor) -> None:
-        """Offer the bank the mean projection of labelled voxels that both networks predict correctly,
-        up to ``entries_per_step`` per class (collective under DDP: every rank calls it every step)."""
+        """Offer the bank the projections (``memory_entries``: eval mode, as the authors) of labelled voxels that
+        both networks predict correctly, up to ``entries_per_step`` per class (collective under DDP: every rank
+        calls it every step)."""
         bank = networks.memory_bank
         classes = target[labelled][:, 0].flatten().long()
         correct = correctly_predicted_labelled_voxels(first[labelled].argmax(1).flatten(),
@@ -130,11 +117,6 @@ class CAMLTrainer(SemiSupervisedTrainer):
             candidates = torch.nonzero(correct & (classes == c)).flatten()
             offered.append(candidates[evenly_spaced(len(candidates), bank.entries_per_step, candidates.device)])
         offered = torch.cat(offered)
-        with torch.no_grad():
-            if len(offered) >= 2:  # BatchNorm needs two rows
-                entries = (networks.first_projection(voxel_rows(output.first_features[labelled], offered))
-                           + networks.second_projection(voxel_rows(output.second_features[labelled], offered))) / 2
-            else:
-                offered = offered[:0]
-                entries = first.new_zeros((0, bank.entries.shape[2]))
-            bank.enqueue(entries, classes[offered])
+        entries = networks.memory_entries(voxel_rows(output.first_features[labelled], offered),
+                                          voxel_rows(output.second_features[labelled], offered))
+        bank.enqueue(entries, classes[offered])

@@ -100,10 +100,15 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
             stride = cumulative_stage_strides(self.network)[stage]
             self.attention_window = LocalWindow.gaussian(self.window_radius, self.window_sigma,
                                                          [s * t for s, t in zip(spacing, stride)])
-            if self.lambda_attentive == 0:
-                # w and b only enter L_att; frozen, they do not wait for gradients under DDP
-                self.attention_block.affinity_weight.requires_grad_(False)
-                self.attention_block.affinity_bias.requires_grad_(False)
+
+    def configure_optimizers(self):
+        # nnU-Net calls this before wrapping the network in DDP, whose reducer then waits for a gradient of every
+        # parameter that requires one: w and b only enter L_att, so without it they are frozen here, not later
+        if self.use_attention_block and self.lambda_attentive == 0:
+            (block,) = attached_blocks(self.network).values()
+            block.affinity_weight.requires_grad_(False)
+            block.affinity_bias.requires_grad_(False)
+        return super().configure_optimizers()
 
     def crf_weight(self) -> float:
         """``λ_crf`` at the current epoch, ramped up over the first ``crf_rampup`` of the epochs."""
