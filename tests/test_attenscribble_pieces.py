@@ -11,7 +11,7 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.losses.attentive_similarity import (attention_log_normaliser, attentive_affinity_matrix,
                                                      attentive_similarity_loss, dense_attentive_similarity_loss)
-from nnunet_weak.losses.gated_crf import masked_gated_crf_loss
+from nnunet_weak.losses.gated_crf import ct_intensity_windows, masked_gated_crf_loss
 from nnunet_weak.losses.local_window import LocalWindow, window_tiles
 from nnunet_weak.networks.encoder_stages import (StageWithBlock, attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)
@@ -81,20 +81,23 @@ def test_tiles_visit_every_window_pair_once(grid, spacing):
 
 # ---- gated CRF ----------------------------------------------------------------------------------
 
-def explicit_min_max(image, inside):
-    """Per sample and channel, rescaled to [0, 1] by the minimum and maximum over the inside positions."""
+def explicit_rescaled(image, inside, windows=None):
+    """Per sample and channel, rescaled to [0, 1] by the minimum and maximum over the inside positions, or by the
+    channel's fixed window ``(low, high)``."""
     out = torch.empty_like(image)
     for b in range(image.shape[0]):
         for c in range(image.shape[1]):
             values = image[b, c][inside[b]]
-            out[b, c] = (image[b, c] - values.min()) / (values.max() - values.min())
+            low, high = (values.min(), values.max()) if windows is None or windows[c] is None else windows[c]
+            out[b, c] = (image[b, c] - low) / (high - low)
     return out
 
 
-def explicit_gated_crf(probabilities, image, unannotated, radius, sigma, intensity_sigma, spacing, inside=None):
+def explicit_gated_crf(probabilities, image, unannotated, radius, sigma, intensity_sigma, spacing, inside=None,
+                       windows=None):
     batch, _, *shape = probabilities.shape
     inside = torch.ones_like(unannotated) if inside is None else inside
-    rescaled = explicit_min_max(image, inside)
+    rescaled = explicit_rescaled(image, inside, windows)
     total, count = 0.0, 0
     for b in range(batch):
         for p in positions(shape):
@@ -409,3 +412,40 @@ def test_pairwise_weights_ramp_up_over_the_given_fraction_of_the_epochs(term):
     assert weight(0, 0.5) == pytest.approx(0.1 * math.exp(-5))
     assert weight(5, 0.5) == pytest.approx(0.1 * math.exp(-5 * 0.25))
     assert weight(10, 0.5) == weight(19, 0.5) == pytest.approx(0.1)
+
+
+
+def test_gated_crf_on_fixed_windows_matches_loops_and_ignores_intensities_outside_its_window():
+    torch.manual_seed(2)
+    probabilities = torch.softmax(torch.randn(2, 3, 7, 7, dtype=torch.float64), 1)
+    image = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    unannotated = torch.rand(2, 7, 7) > 0.3
+    inside = torch.rand(2, 7, 7) > 0.2
+    window = LocalWindow.gaussian(1, 1.0, (1.0, 1.0))
+    windows = [(-2.0, 3.0), None]  # channel 0 CT, channel 1 min-max per sample
+    fast = masked_gated_crf_loss(probabilities, image, unannotated, window, 0.5, inside, intensity_windows=windows)
+    slow = explicit_gated_crf(probabilities, image, unannotated, 1, 1.0, 0.5, (1.0, 1.0), inside, windows)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+
+    # on CT, bone entering a patch far from every un-annotated voxel leaves the loss alone; per-patch min-max does not
+    ct = image[:, :1]
+    few = torch.zeros(2, 7, 7, dtype=torch.bool)
+    few[:, :2, :2] = True
+    with_bone = ct.clone()
+    with_bone[:, 0, 6, 6] = 40.0
+    for windows, same in (([(-2.0, 3.0)], True), (None, False)):
+        losses = [masked_gated_crf_loss(probabilities, x, few, window, 0.5, intensity_windows=windows).item()
+                  for x in (ct, with_bone)]
+        assert (losses[0] == pytest.approx(losses[1], rel=1e-12)) == same
+
+
+def test_ct_intensity_windows_are_nnunets_clipping_range_in_normalised_units():
+    properties = {"0": {"mean": 40.0, "std": 20.0, "percentile_00_5": -960.0, "percentile_99_5": 240.0},
+                  "1": {"mean": 0.0, "std": 1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0}}
+    assert ct_intensity_windows(["CTNormalization", "ZScoreNormalization"], properties) == [(-50.0, 10.0), None]
+    with pytest.raises(ValueError, match="low < high"):
+        masked_gated_crf_loss(torch.rand(1, 2, 4, 4), torch.rand(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool),
+                              LocalWindow.gaussian(1, 1.0, (1.0, 1.0)), intensity_windows=[(1.0, 1.0)])
+    with pytest.raises(ValueError, match="one intensity window"):
+        masked_gated_crf_loss(torch.rand(1, 2, 4, 4), torch.rand(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool),
+                              LocalWindow.gaussian(1, 1.0, (1.0, 1.0)), intensity_windows=[None, None])

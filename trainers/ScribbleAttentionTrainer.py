@@ -14,7 +14,8 @@ pipeline, 2D and 3D (``../shared/METHODS.md`` §1):
   - ``pCE``: nnU-Net's Dice + cross-entropy with the ignore label (annotated voxels only), with deep
     supervision; coarse targets keep thin scribbles (``nnUNetWeakTrainer.sparse_target_downsampling``).
   - ``L_crf`` (Eq. 6): ``masked_gated_crf_loss`` on the full-resolution prediction, un-annotated voxels
-    only, intensity kernel on the [0, 1]-rescaled input, window in physical units.
+    only, intensity kernel on the [0, 1]-rescaled input (per patch on MRI, nnU-Net's fixed clipping window
+    on CT), window in physical units.
   - ``L_att`` (Eq. 3–5): ``attentive_similarity_loss`` between the block's attention affinity
     ``K = sigmoid(w·(A + Aᵀ) + b)`` and the prediction resized to the attention grid, memory linear in
     the number of positions.
@@ -36,7 +37,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_weak.losses.attentive_similarity import attentive_similarity_loss, resize_to_grid
-from nnunet_weak.losses.gated_crf import masked_gated_crf_loss
+from nnunet_weak.losses.gated_crf import ct_intensity_windows, masked_gated_crf_loss
 from nnunet_weak.losses.local_window import LocalWindow
 from nnunet_weak.networks.encoder_stages import (attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)
@@ -91,6 +92,12 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
                                    f"and 1; got {getattr(self, name)} in NNUNET_WEAK_TRAINER_OPTIONS.")
         spacing = [float(s) for s in self.configuration_manager.spacing]
         self.crf_window = LocalWindow.gaussian(self.window_radius, self.window_sigma, spacing)
+        windows = ct_intensity_windows(self.configuration_manager.normalization_schemes,
+                                       self.plans_manager.foreground_intensity_properties_per_channel)
+        self.crf_intensity_windows = windows if any(w is not None for w in windows) else None
+        if self.crf_intensity_windows is not None:
+            self.print_to_log_file(f"gated CRF intensity kernel on fixed CT windows (normalised units, per channel): "
+                                   f"{self.crf_intensity_windows}")
         self.attention_block, self.attention_window = None, None
         if not self.use_attention_block and self.lambda_attentive > 0:
             raise RuntimeError(f"{self.__class__.__name__} has no attention block, so it has no attentive similarity "
@@ -137,7 +144,7 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
         if self.lambda_crf > 0 and self.label_manager.ignore_label is not None:
             unannotated = labels[:, 0] == self.label_manager.ignore_label
             gated_crf = masked_gated_crf_loss(probabilities, data, unannotated, self.crf_window, self.intensity_sigma,
-                                              inside=inside_image)
+                                              inside=inside_image, intensity_windows=self.crf_intensity_windows)
         attentive = zero
         if self.attention_block is not None and self.lambda_attentive > 0:
             block = self.attention_block

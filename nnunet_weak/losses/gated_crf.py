@@ -11,9 +11,12 @@ outside the image (nnU-Net's padding and augmentation borders, ``inside`` False)
 authors train on whole resized slices, which have none, and on z-scored MRI the padding value is the
 mean intensity, which on ACDC is the myocardium's, so a CRF through padding ties tissue of that
 intensity to whatever is predicted in the padding. ``I`` is the network input with each channel
-rescaled to [0, 1] per sample (min–max over the positions inside the image), the range that
-σ_I = 0.1 refers to in the authors' code; nnU-Net's own normalisation (z-scores for MRI) would make the
-intensity kernel ten times narrower. Positions are in voxels of the finest axis; with anisotropic
+rescaled to [0, 1], the range that σ_I = 0.1 refers to in the authors' code (nnU-Net's own
+normalisation, z-scores for MRI, would make the intensity kernel ten times narrower): per sample,
+min–max over the positions inside the image, or by a fixed window per channel (``intensity_windows``).
+The per-sample rescaling suits MRI, whose intensities have no absolute meaning; on CT it would make σ_I
+depend on what the augmented patch happens to hold (air or bone), so there the window is fixed: the
+clipping range of nnU-Net's CT normalisation (:func:`ct_intensity_windows`). Positions are in voxels of the finest axis; with anisotropic
 3D spacing the window and the distance are physical (``nnunet_weak.losses.local_window``).
 
 Gradients reach ``y`` only (an explicit backward pass, checked by ``gradcheck``). Memory is linear in the
@@ -40,6 +43,45 @@ def min_max_rescaled(image: torch.Tensor, inside: torch.Tensor | None = None) ->
         high = flat.masked_fill(~mask, -torch.inf).max(-1, keepdim=True).values
     span = (high - low).clamp_min(1e-8)
     return ((flat - low) / span).reshape(image.shape)
+
+
+def window_rescaled(image: torch.Tensor, windows) -> torch.Tensor:
+    """``(B, C, *spatial)`` with channel ``c`` mapped linearly from ``windows[c] = (low, high)`` to [0, 1] (values
+    outside the window stay outside [0, 1]); channels whose window is ``None`` are returned unchanged."""
+    if len(windows) != image.shape[1]:
+        raise ValueError(f"one intensity window (or None) per input channel: {image.shape[1]} channels, "
+                         f"{len(windows)} windows")
+    channels = []
+    for c, window in enumerate(windows):
+        if window is None:
+            channels.append(image[:, c])
+            continue
+        low, high = window
+        if not high > low:
+            raise ValueError(f"intensity window of channel {c} is ({low}, {high}): it needs low < high")
+        channels.append((image[:, c] - low) / (high - low))
+    return torch.stack(channels, 1)
+
+
+def ct_intensity_windows(normalization_schemes, intensity_properties: dict) -> list:
+    """Per input channel, the window in network-input units that nnU-Net's ``CTNormalization`` clips to:
+    ``((p0.5 - mean) / std, (p99.5 - mean) / std)`` from the dataset fingerprint's foreground intensity
+    statistics; ``None`` for channels with any other normalisation.
+
+    Args:
+        normalization_schemes: the configuration's ``normalization_schemes``, one name per channel.
+        intensity_properties: the plans' ``foreground_intensity_properties_per_channel`` (keys ``"0"``, ``"1"``...).
+    """
+    windows = []
+    for c, scheme in enumerate(normalization_schemes):
+        if scheme != "CTNormalization":
+            windows.append(None)
+            continue
+        properties = intensity_properties[str(c)]
+        std = max(float(properties["std"]), 1e-8)  # as CTNormalization divides
+        windows.append(((float(properties["percentile_00_5"]) - float(properties["mean"])) / std,
+                        (float(properties["percentile_99_5"]) - float(properties["mean"])) / std))
+    return windows
 
 
 def _pairs(window: LocalWindow, spatial_shape, image, unannotated, inside, inverse_two_sigma2):
@@ -87,7 +129,7 @@ class _MaskedGatedCRFEnergy(torch.autograd.Function):
 
 def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unannotated: torch.Tensor,
                           window: LocalWindow, intensity_sigma: float = 0.1,
-                          inside: torch.Tensor | None = None) -> torch.Tensor:
+                          inside: torch.Tensor | None = None, intensity_windows=None) -> torch.Tensor:
     """Eq. 6: the gated CRF energy of the un-annotated positions inside the image, per such position.
 
     Args:
@@ -98,6 +140,8 @@ def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unan
         intensity_sigma: σ_I of the intensity kernel, on the [0, 1] image.
         inside: ``(B, *spatial)`` bool, True inside the image (``None``: everywhere). Pairs with an end
             outside contribute nothing, and outside positions are not counted.
+        intensity_windows: per input channel, a fixed ``(low, high)`` mapped to [0, 1], or ``None`` for the
+            per-sample min–max (``None`` instead of the list: min–max for every channel).
 
     Returns:
         scalar: total energy over the batch divided by the number of un-annotated positions inside the
@@ -119,6 +163,11 @@ def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unan
     count = gate.sum()
     if count == 0:
         return probabilities.sum() * 0
-    rescaled = min_max_rescaled(at_least_single_precision(image.detach()), inside)
+    image = at_least_single_precision(image.detach())
+    rescaled = min_max_rescaled(image, inside)
+    if intensity_windows is not None:
+        fixed = window_rescaled(image, intensity_windows)
+        per_sample = torch.tensor([w is None for w in intensity_windows], device=image.device)
+        rescaled = torch.where(per_sample.view(1, -1, *[1] * (image.ndim - 2)), rescaled, fixed)
     return _MaskedGatedCRFEnergy.apply(probabilities, rescaled, gate, valid, window,
                                        1.0 / (2 * intensity_sigma ** 2)) / count
