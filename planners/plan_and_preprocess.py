@@ -5,9 +5,13 @@ inside ``nnunetv2.experiment_planning`` only), so this module calls the planning
 objects. The plans it writes name ``DefaultPreprocessor`` and nnU-Net's own networks, so the stock
 ``nnUNetv2_train`` / ``nnUNetv2_predict`` use them unchanged.
 
-``--plans_from SOURCE`` instead gives a dataset exactly the plans, fingerprint and splits of
-another one with the same cases (a scribble dataset and its dense twin), for like-for-like
-comparisons.
+``--plans_from SOURCE`` instead gives a dataset the plans and splits of another one with the same
+cases (a scribble dataset and its dense twin), for like-for-like comparisons: the same architecture,
+patch, spacing, batch and folds. Its intensity statistics (``foreground_intensity_properties_per_channel``)
+are its own, from its own annotations (ignore-aware fingerprint): the twin's come from dense labels that a
+user of the sparse dataset would not have. Only CT normalisation reads them (clipping percentiles, mean,
+std); nnU-Net's z-scoring of MRI uses each image's own mean and std, so on MRI the preprocessed data are
+the twin's exactly.
 """
 from __future__ import annotations
 
@@ -74,8 +78,10 @@ def ensure_splits(dataset_name: str, case_identifiers: Sequence[str]) -> list:
     return splits
 
 
-def copy_plans(source: int | str, target: int | str, plans_identifier: str = "nnUNetPlans") -> str:
-    """Give ``target`` the plans, fingerprint and splits of ``source``; return the target's name.
+def copy_plans(source: int | str, target: int | str, plans_identifier: str = "nnUNetPlans",
+               num_processes: int = 8) -> str:
+    """Give ``target`` the plans and splits of ``source``, with the intensity statistics of its own
+    ignore-aware fingerprint (module docstring); return the target's name.
 
     Both datasets must have the same training case identifiers and file ending (a dense dataset and
     its sparse twin). The source must have been planned.
@@ -102,8 +108,8 @@ def copy_plans(source: int | str, target: int | str, plans_identifier: str = "nn
     plans["dataset_name"] = dst.name
     target_folder = preprocessed / dst.name
     target_folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(json.loads((preprocessed / src.name / "dataset_fingerprint.json").read_text(encoding="utf-8")),
-                      target_folder / "dataset_fingerprint.json")
+    fingerprint = IgnoreAwareFingerprintExtractor(int(dst.name[7:10]), num_processes).run(overwrite_existing=True)
+    plans["foreground_intensity_properties_per_channel"] = fingerprint["foreground_intensity_properties_per_channel"]
     write_json_atomic(plans, target_folder / f"{plans_identifier}.json")
     # nnU-Net's planner copies the raw dataset.json beside the plans; the preprocessor reads it there
     write_json_atomic(dict(dst.dataset_json), target_folder / "dataset.json")
@@ -153,9 +159,10 @@ def plan_and_preprocess(datasets: Sequence[int | str], fingerprint_extractor: st
             except (AssertionError, RuntimeError) as e:
                 raise UserInputError(f"{dataset.name} failed nnU-Net's dataset integrity check: {e}")
         if plans_from is not None:
-            copy_plans(plans_from, dataset.name, overwrite_plans_name or "nnUNetPlans")
+            copy_plans(plans_from, dataset.name, overwrite_plans_name or "nnUNetPlans", num_processes_fingerprint)
             plans_identifier = overwrite_plans_name or "nnUNetPlans"
-            print(f"{dataset.name}: plans, fingerprint and splits copied from dataset {plans_from}")
+            print(f"{dataset.name}: plans and splits copied from dataset {plans_from}, intensity statistics from "
+                  f"its own annotations")
         else:
             extract_fingerprint_dataset(dataset_id, FINGERPRINT_EXTRACTORS[fingerprint_extractor],
                                         num_processes_fingerprint, check_dataset_integrity=False,

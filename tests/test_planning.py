@@ -54,11 +54,12 @@ def test_ignore_aware_fingerprint_statistics(nnunet_folders):
     assert written["foreground_intensity_properties_per_channel"]["0"]["mean"] == pytest.approx(ours_stats["mean"])
 
 
-def test_copy_plans_between_twins(nnunet_folders):
+def test_copy_plans_between_twins_keeps_the_sparse_datasets_own_ct_statistics(nnunet_folders):
     raw = nnunet_folders["nnUNet_raw"]
     write_raw_dataset(raw, "Dataset602_Sparse", {"0": "CT"}, CT_LABELS, [_ct_case(f"c{i}", i) for i in range(5)])
     write_raw_dataset(raw, "Dataset603_Other", {"0": "CT"}, CT_LABELS, [_ct_case(f"d{i}", i) for i in range(5)])
-    dense_cases = [CaseRecord(f"c{i}", r.channels, r.spacing, r.dense_label)
+    # the dense truth: the whole body is organ (~1000 HU), of which the scribbles annotate a ~100 HU part
+    dense_cases = [CaseRecord(f"c{i}", r.channels, r.spacing, np.where(r.label == 2, 1, r.label).astype(np.uint8))
                    for i, r in enumerate(_ct_case(f"c{i}", i) for i in range(5))]
     write_raw_dataset(raw, "Dataset604_Dense", {"0": "CT"}, {"background": 0, "organ": 1}, dense_cases)
 
@@ -67,17 +68,44 @@ def test_copy_plans_between_twins(nnunet_folders):
     plan_and_preprocess([604], configurations=["2d"], num_processes_fingerprint=1, num_processes=[1])
     with pytest.raises(UserInputError, match="same training cases"):
         copy_plans(604, 603)
-    plan_and_preprocess([602], configurations=["2d"], num_processes=[1], plans_from=604)
+    plan_and_preprocess([602], configurations=["2d"], num_processes_fingerprint=1, num_processes=[1], plans_from=604)
 
     pre = nnunet_folders["nnUNet_preprocessed"]
     dense_plans = json.loads((pre / "Dataset604_Dense" / "nnUNetPlans.json").read_text(encoding="utf-8"))
     sparse_plans = json.loads((pre / "Dataset602_Sparse" / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    own = json.loads((pre / "Dataset602_Sparse" / "dataset_fingerprint.json").read_text(encoding="utf-8"))
+    statistics = sparse_plans.pop("foreground_intensity_properties_per_channel")
+    assert statistics == own["foreground_intensity_properties_per_channel"]
+    assert statistics["0"]["mean"] == pytest.approx(100, abs=3) and statistics["0"]["percentile_99_5"] < 130
+    assert dense_plans.pop("foreground_intensity_properties_per_channel")["0"]["mean"] > 900
+    # everything else, the architecture, patch, spacing and batch included, is the twin's
     assert sparse_plans.pop("dataset_name") == "Dataset602_Sparse"
     dense_plans.pop("dataset_name")
     assert sparse_plans == dense_plans
     assert ((pre / "Dataset602_Sparse" / "splits_final.json").read_text(encoding="utf-8")
             == (pre / "Dataset604_Dense" / "splits_final.json").read_text(encoding="utf-8"))
-    assert (pre / "Dataset602_Sparse" / "nnUNetPlans_2d").is_dir()
+
+    # the preprocessed images are normalised with the sparse dataset's statistics (2D at the raw spacing: nnU-Net's
+    # CT normalisation alone, nothing resampled or cropped)
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    image = _ct_case("c0", 0).channels[0]
+    data = np.asarray(nnUNetDatasetBlosc2(str(pre / "Dataset602_Sparse" / "nnUNetPlans_2d"), ["c0"]).load_case("c0")[0])
+    ct = statistics["0"]
+    expected = (np.clip(image, ct["percentile_00_5"], ct["percentile_99_5"]) - ct["mean"]) / ct["std"]
+    np.testing.assert_allclose(data[0], expected, rtol=1e-5, atol=1e-4)
+
+    # the scribble trainer's gated CRF reads its intensity window from these statistics (a 12 x 12 image: no room
+    # for the attention block)
+    import torch
+    from nnunet_weak.trainers.ScribbleAttentionTrainer import ScribbleAttentionTrainer_noAttentionBlock
+    dataset_json = json.loads((pre / "Dataset602_Sparse" / "dataset.json").read_text(encoding="utf-8"))
+    sparse_plans = json.loads((pre / "Dataset602_Sparse" / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    sparse_plans["continue_training"] = False  # what nnU-Net's get_trainer_from_args adds
+    trainer = ScribbleAttentionTrainer_noAttentionBlock(sparse_plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+    trainer.initialize()
+    (low, high), = trainer.crf_intensity_windows
+    assert low == pytest.approx((ct["percentile_00_5"] - ct["mean"]) / ct["std"])
+    assert high == pytest.approx((ct["percentile_99_5"] - ct["mean"]) / ct["std"])
 
 
 def test_unknown_planner_and_extractor(nnunet_folders):
