@@ -132,9 +132,11 @@ def stock_pretrain_then_finetune(folders: dict, env: dict, dataset_id: str, data
     return fold
 
 
-def assert_predictor_reproduces_validation(folders: dict, env: dict, dataset: str, trainer: str, work: Path) -> None:
-    """``nnUNetv2_predict`` of fold 0's validation cases (2d, final checkpoint) gives exactly the predictions of the
-    trainer's own validation: the rebuilt network is the one that was validated."""
+def assert_predictor_reproduces_validation(folders: dict, env: dict, dataset: str, trainer: str, work: Path,
+                                           device: str = "cpu") -> None:
+    """``nnUNetv2_predict`` of fold 0's validation cases (2d, final checkpoint, on ``device``, where the trainer
+    validated) gives exactly the predictions of the trainer's own validation: the rebuilt network is the one that
+    was validated."""
     dataset_id = dataset[len("Dataset"):len("Dataset") + 3]
     fold = folders["nnUNet_results"] / dataset / f"{trainer}__nnUNetPlans__2d" / "fold_0"
     validation_cases = json.loads((folders["nnUNet_preprocessed"] / dataset / "splits_final.json")
@@ -145,7 +147,7 @@ def assert_predictor_reproduces_validation(folders: dict, env: dict, dataset: st
         shutil.copy(folders["nnUNet_raw"] / dataset / "imagesTr" / f"{case}_0000.nii.gz", images)
     predictions = work / "predictions"
     run_checked([BIN / "nnUNetv2_predict", "-i", images, "-o", predictions, "-d", dataset_id, "-c", "2d", "-f", "0",
-                 "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+                 "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1"], env)
     for case in validation_cases:
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
         validated = sitk.GetArrayFromImage(sitk.ReadImage(str(fold / "validation" / f"{case}.nii.gz")))
