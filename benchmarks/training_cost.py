@@ -15,7 +15,8 @@ before the first step. CPU children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` 
 freed tensor goes back to the system and the resident size follows the live tensors (with glibc's
 default, heap fragmentation from many mid-sized tensors inflated it). Synthetic batches: the plans and
 the network are the real ones, the images random, sparse labels 2 % annotated, unlabelled samples
-ignore everywhere; nothing is read from the preprocessed data.
+ignore everywhere, every voxel inside the image (for trainers that mark the image's extent); nothing is
+read from the preprocessed data.
 
     eval "$(nnunet-weak env --root /tmp/phantom)"
     python benchmarks/training_cost.py -d 982 -c 2d 3d_fullres --method CAMLTrainer -o cost.md
@@ -83,6 +84,7 @@ def synthetic_batch(trainer, generator, batch: int) -> dict:
     import torch
     from nnunet_weak.networks.encoder_stages import unwrap_network
     from nnunet_weak.networks.keypoint_pretraining import KeypointPretrainingNetwork
+    from nnunet_weak.transforms.image_extent import INSIDE_IMAGE
     from nnunet_weak.training.mixed_supervision import MixedSupervisionTrainer
     from nnunet_weak.training.semi_supervised import TwoStreamTrainer
     from nnunet_weak.training.two_stream import split_batch
@@ -115,6 +117,8 @@ def synthetic_batch(trainer, generator, batch: int) -> dict:
     target = [SparsePreservingDownsampleSegForDSTransform(scales, ignore if ignore is not None else classes)(
         segmentation=sample)["segmentation"] for sample in labels.to(torch.int16)]
     target = [torch.stack([t[s] for t in target]) for s in range(len(scales))]
+    if getattr(trainer, "marks_image_extent", False):  # every voxel inside the image
+        target = [torch.cat((t, torch.full_like(t[:, :1], INSIDE_IMAGE)), 1) for t in target]
     return {"data": data, "target": target, "keys": [f"synthetic_{i}" for i in range(batch)], **extra}
 
 

@@ -1,0 +1,225 @@
+"""What each trainer's training step costs, piece by piece: counted FLOPs beside measured time and memory.
+
+For nnUNetTrainer (the floor) and each given trainer, in a fresh process, on the synthetic batch of
+``training_cost.py`` (the plans' real network, patch and batch; random images; two-stream batches as each
+trainer's loader makes them):
+
+- **counted**: ``torch.utils.flop_counter.FlopCounterMode`` over one whole ``train_step`` (forward, loss,
+  backward, optimiser), and over each piece of the training network run alone (forward + backward) on the
+  inputs it received in that step: the planned network, a block attached to its encoder (the scribble
+  trainer's attention block, KAF's fusion layers; its network's row is without it), and every
+  training-only module of a ``TrainingNetwork`` (second network or decoder, heads, teacher). The step minus
+  the pieces is "losses and the rest": the loss terms and the optimiser. FlopCounterMode counts matrix products
+  and convolutions (the operations that set a network's cost); element-wise work (the gated CRF's kernel,
+  soft-max, normalisation) counts zero, so a loss made of it has a floor of zero FLOPs here.
+- **measured**: the median step time over ``--steps`` steps after a warm-up step, the step's peak memory
+  (``training_cost.PeakMemory``), and per piece its forward + backward run alone on the inputs it received
+  in a step (as many times as the step calls it, median of 3), with its peak memory. "losses and the rest"
+  is the step time minus the pieces'. Data loading is not in a step: nnU-Net's background workers augment
+  while the step runs (``training_cost.py`` times steps the same way).
+
+Each trainer's FLOP ratio (its counted FLOPs over nnUNetTrainer's, the floor of its time ratio if time
+followed FLOPs) is printed beside its measured time ratio, and their quotient: how far above the floor.
+
+    eval "$(nnunet-weak env --root /work/nnunet_data)"
+    python benchmarks/cost_per_piece.py -d 27 -p nnUNetPlansCPU --trainers ScribbleAttentionTrainer -o cost_27.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from training_cost import BASELINE, PeakMemory, child, make_trainer, prepare_child, synthetic_batch  # noqa: E402
+
+from nnunet_weak.atomic import write_text_atomic  # noqa: E402
+
+REST = "losses and the rest"
+
+
+# ---- measured in a child process -------------------------------------------------------------------
+
+def training_pieces(network) -> dict:
+    """``{name: module}``: the planned network (or each module of a ``TrainingNetwork``), and each block attached
+    after an encoder stage of one of them, named after it."""
+    from nnunet_weak.networks.encoder_stages import attached_blocks, unwrap_network
+    from nnunet_weak.networks.training_network import TrainingNetwork
+    network = unwrap_network(network)
+    top = dict(network.named_children()) if isinstance(network, TrainingNetwork) else {"planned network": network}
+    pieces = {}
+    for name, module in top.items():
+        if not any(True for _ in module.parameters()):
+            continue
+        pieces[name] = module
+        if hasattr(module, "encoder") or hasattr(module, "stages"):
+            for stage, block in attached_blocks(module).items():
+                pieces[f"{name}: block after encoder stage {stage}"] = block
+    return pieces
+
+
+def tensors_in(value) -> list:
+    import torch
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
+
+
+def detached(value):
+    """``value`` with every floating tensor detached (and requiring a gradient where the original did)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        copy = value.detach().clone()
+        return copy.requires_grad_(value.requires_grad) if copy.is_floating_point() else copy
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(detached(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: detached(v) for k, v in value.items()}
+    return value
+
+
+def run_piece(module, arguments, keywords, with_gradient: bool) -> None:
+    """One forward pass of ``module`` and, ``with_gradient``, the backward pass of the sum of its outputs."""
+    import torch
+    arguments, keywords = detached(arguments), detached(keywords)
+    with torch.enable_grad() if with_gradient else torch.no_grad():
+        outputs = [t for t in tensors_in(module(*arguments, **keywords)) if t.requires_grad]
+    if with_gradient and outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+
+def measure_pieces(dataset: str, configuration: str, plans: str, trainer_name: str, steps: int, device: str) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from nnunet_weak.networks.encoder_stages import unwrap_network
+    trainer = make_trainer(dataset, configuration, plans, trainer_name, device)
+    batch = synthetic_batch(trainer, torch.Generator().manual_seed(0), int(trainer.configuration_manager.batch_size))
+    trainer.train_step(batch)  # warm-up; the memory banks and queues fill
+
+    network = unwrap_network(trainer.network)
+    pieces = training_pieces(network)
+    calls: dict = {name: [] for name in pieces}
+
+    def record(name):
+        def hook(module, arguments, keywords, output):
+            calls[name].append((arguments, keywords, any(t.requires_grad for t in tensors_in(output))))
+        return hook
+
+    handles = [module.register_forward_hook(record(name), with_kwargs=True) for name, module in pieces.items()]
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(batch)
+    for handle in handles:
+        handle.remove()
+    total_flops = counter.get_total_flops()
+    # per piece, counted on its own replay: FlopCounterMode's attribution of backward operations to modules
+    # misses some (the last ones of a backward pass count as global)
+    flops = {}
+    for name, module in pieces.items():
+        with FlopCounterMode(display=False) as counter:
+            for arguments, keywords, with_gradient in calls[name]:
+                run_piece(module, arguments, keywords, with_gradient)
+        flops[name] = counter.get_total_flops()
+    # a block is inside its network: the network's row is what remains
+    for name in pieces:
+        if ": block after encoder stage" in name:
+            flops[name.split(":")[0]] -= flops[name]
+
+    step_times = []
+    with PeakMemory(trainer.device) as step_memory:
+        for _ in range(steps):
+            start = time.perf_counter()
+            trainer.train_step(batch)
+            step_times.append(time.perf_counter() - start)
+    seconds, milliseconds, memory = statistics.median(step_times), {}, {}
+    for name, module in pieces.items():
+        repeats = []
+        with PeakMemory(trainer.device) as piece_memory:
+            for _ in range(3):
+                start = time.perf_counter()
+                for arguments, keywords, with_gradient in calls[name]:
+                    run_piece(module, arguments, keywords, with_gradient)
+                repeats.append(time.perf_counter() - start)
+        milliseconds[name], memory[name] = 1000 * statistics.median(repeats), piece_memory.mib
+    for name in pieces:
+        if ": block after encoder stage" in name:
+            milliseconds[name.split(":")[0]] -= milliseconds[name]
+    milliseconds[REST] = 1000 * seconds - sum(milliseconds.values())
+    flops[REST] = total_flops - sum(flops.values())
+    memory[REST] = None
+    return {"pieces": list(pieces) + [REST], "flops": flops, "milliseconds": milliseconds, "peak_mib": memory,
+            "total_flops": total_flops, "seconds": seconds, "step_peak_mib": step_memory.mib,
+            "calls": {name: len(c) for name, c in calls.items()}}
+
+
+# ---- the parent ------------------------------------------------------------------------------------
+
+def piece_table(trainer: str, result: dict) -> list[str]:
+    lines = [f"**{trainer}**: {result['total_flops'] / 1e9:.1f} GFLOP, {result['seconds']:.2f} s, "
+             f"{result['step_peak_mib']:.0f} MiB per step", "",
+             "| piece | GFLOP | share of FLOPs | ms (alone) | share of time | peak MiB (alone) |",
+             "|---|---|---|---|---|---|"]
+    for name in result["pieces"]:
+        gflop, ms, mib = result["flops"][name] / 1e9, result["milliseconds"][name], result["peak_mib"][name]
+        calls = result["calls"].get(name, 1)
+        label = name if calls <= 1 else f"{name} ({calls} calls)"
+        lines.append(f"| {label} | {gflop:.2f} | {gflop * 1e9 / result['total_flops']:.0%} | {ms:.0f} | "
+                     f"{ms / (1000 * result['seconds']):.0%} | {'-' if mib is None else f'{mib:.0f}'} |")
+    return lines + [""]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-d", required=True, help="dataset id or name (planned, with the supervision the trainers "
+                                                  "need: scribbles, mixed or semi-supervised)")
+    parser.add_argument("-c", default="2d", help="configuration (default: 2d)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("--trainers", nargs="+", required=True, help="trainers to compare with nnUNetTrainer")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per trainer, after a warm-up")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("-o", default=None, help="also write the tables (markdown) here")
+    args = parser.parse_args()
+    from tqdm import tqdm
+    results = {}
+    for trainer in tqdm([BASELINE, *args.trainers], desc="trainers"):
+        results[trainer] = child(__file__, "pieces", args.d, args.c, args.p, trainer, str(args.steps), args.device)
+    base = results[BASELINE]
+    lines = [f"Dataset {args.d}, configuration {args.c}, plans {args.p}, device {args.device}: one synthetic batch "
+             f"of the planned patch and batch size; FLOPs counted over one training step (forward, loss, backward, "
+             f"optimiser); time the median of {args.steps} steps after a warm-up.", "",
+             "| trainer | GFLOP per step | FLOP ratio (floor) | s per step | time ratio | time ratio / FLOP ratio |",
+             "|---|---|---|---|---|---|"]
+    for trainer, result in results.items():
+        if result is None:
+            lines.append(f"| {trainer} | killed (out of memory) | | | | |")
+            continue
+        flop_ratio, time_ratio = result["total_flops"] / base["total_flops"], result["seconds"] / base["seconds"]
+        lines.append(f"| {trainer} | {result['total_flops'] / 1e9:.1f} | {flop_ratio:.2f} | {result['seconds']:.2f} "
+                     f"| {time_ratio:.2f} | {time_ratio / flop_ratio:.2f} |")
+    lines.append("")
+    for trainer, result in results.items():
+        if result is not None:
+            lines += piece_table(trainer, result)
+    table = "\n".join(lines)
+    print(table)
+    if args.o:
+        write_text_atomic(table, args.o)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "pieces":
+        prepare_child()
+        arguments = sys.argv[2:]
+        print(json.dumps(measure_pieces(*arguments[:4], int(arguments[4]), arguments[5])))
+        sys.exit(0)
+    sys.exit(main())
