@@ -108,26 +108,35 @@ def measure_pieces(dataset: str, configuration: str, plans: str, trainer_name: s
 
     network = unwrap_network(trainer.network)
     pieces = training_pieces(network)
-    calls: dict = {name: [] for name in pieces}
+    # what each piece ran in the step, as (module, positional and keyword inputs, whether its output had a
+    # gradient); a network of which the step runs parts only (an encoder, a decoder) is those parts' calls
+    calls: dict = {}
 
-    def record(name):
-        def hook(module, arguments, keywords, output):
-            calls[name].append((arguments, keywords, any(t.requires_grad for t in tensors_in(output))))
-        return hook
+    def record(key, module):
+        def hook(_, arguments, keywords, output):
+            calls.setdefault(key, []).append((module, arguments, keywords,
+                                              any(t.requires_grad for t in tensors_in(output))))
+        return module.register_forward_hook(hook, with_kwargs=True)
 
-    handles = [module.register_forward_hook(record(name), with_kwargs=True) for name, module in pieces.items()]
+    handles = []
+    for name, module in pieces.items():
+        handles.append(record(name, module))
+        handles += [record((name, child), submodule) for child, submodule in module.named_children()]
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(batch)
     for handle in handles:
         handle.remove()
+    parts = {name: [] if name in calls else [key[1] for key in calls if isinstance(key, tuple) and key[0] == name]
+             for name in pieces}
+    calls = {name: calls.get(name) or [call for part in parts[name] for call in calls[(name, part)]] for name in pieces}
     total_flops = counter.get_total_flops()
     # per piece, counted on its own replay: FlopCounterMode's attribution of backward operations to modules
     # misses some (the last ones of a backward pass count as global)
     flops = {}
-    for name, module in pieces.items():
+    for name in pieces:
         with FlopCounterMode(display=False) as counter:
-            for arguments, keywords, with_gradient in calls[name]:
-                run_piece(module, arguments, keywords, with_gradient)
+            for called, arguments, keywords, with_gradient in calls[name]:
+                run_piece(called, arguments, keywords, with_gradient)
         flops[name] = counter.get_total_flops()
     # a block is inside its network: the network's row is what remains
     for name in pieces:
@@ -141,13 +150,13 @@ def measure_pieces(dataset: str, configuration: str, plans: str, trainer_name: s
             trainer.train_step(batch)
             step_times.append(time.perf_counter() - start)
     seconds, milliseconds, memory = statistics.median(step_times), {}, {}
-    for name, module in pieces.items():
+    for name in pieces:
         repeats = []
         with PeakMemory(trainer.device) as piece_memory:
             for _ in range(3):
                 start = time.perf_counter()
-                for arguments, keywords, with_gradient in calls[name]:
-                    run_piece(module, arguments, keywords, with_gradient)
+                for called, arguments, keywords, with_gradient in calls[name]:
+                    run_piece(called, arguments, keywords, with_gradient)
                 repeats.append(time.perf_counter() - start)
         milliseconds[name], memory[name] = 1000 * statistics.median(repeats), piece_memory.mib
     for name in pieces:
@@ -158,7 +167,7 @@ def measure_pieces(dataset: str, configuration: str, plans: str, trainer_name: s
     memory[REST] = None
     return {"pieces": list(pieces) + [REST], "flops": flops, "milliseconds": milliseconds, "peak_mib": memory,
             "total_flops": total_flops, "seconds": seconds, "step_peak_mib": step_memory.mib,
-            "calls": {name: len(c) for name, c in calls.items()}}
+            "calls": {name: len(c) for name, c in calls.items()}, "parts": parts}
 
 
 # ---- the parent ------------------------------------------------------------------------------------
@@ -170,8 +179,8 @@ def piece_table(trainer: str, result: dict) -> list[str]:
              "|---|---|---|---|---|---|"]
     for name in result["pieces"]:
         gflop, ms, mib = result["flops"][name] / 1e9, result["milliseconds"][name], result["peak_mib"][name]
-        calls = result["calls"].get(name, 1)
-        label = name if calls <= 1 else f"{name} ({calls} calls)"
+        calls, parts = result["calls"].get(name, 1), result["parts"].get(name)
+        label = f"{name} ({' + '.join(parts)})" if parts else name if calls <= 1 else f"{name} ({calls} calls)"
         lines.append(f"| {label} | {gflop:.2f} | {gflop * 1e9 / result['total_flops']:.0%} | {ms:.0f} | "
                      f"{ms / (1000 * result['seconds']):.0%} | {'-' if mib is None else f'{mib:.0f}'} |")
     return lines + [""]
