@@ -23,6 +23,9 @@ followed FLOPs) is printed beside its measured time ratio, and their quotient: h
 
     eval "$(nnunet-weak env --root /work/nnunet_data)"
     python benchmarks/cost_per_piece.py -d 27 -p nnUNetPlansCPU --trainers ScribbleAttentionTrainer -o cost_27.md
+
+Time on CPU varies by a few per cent between runs of one trainer; ``--rounds`` alternates the trainers'
+runs and takes medians.
 """
 from __future__ import annotations
 
@@ -172,6 +175,22 @@ def measure_pieces(dataset: str, configuration: str, plans: str, trainer_name: s
 
 # ---- the parent ------------------------------------------------------------------------------------
 
+def median_run(runs: list) -> dict | None:
+    """The runs of one trainer as one: counted FLOPs (the same in every run), medians of every time and memory;
+    ``None`` if a run was killed."""
+    if any(run is None for run in runs):
+        return None
+    first = runs[0]
+
+    def median(key, piece=None):
+        values = [run[key] if piece is None else run[key][piece] for run in runs]
+        return None if values[0] is None else statistics.median(values)
+
+    return {**first, "seconds": median("seconds"), "step_peak_mib": median("step_peak_mib"),
+            "milliseconds": {piece: median("milliseconds", piece) for piece in first["pieces"]},
+            "peak_mib": {piece: median("peak_mib", piece) for piece in first["pieces"]}}
+
+
 def piece_table(trainer: str, result: dict) -> list[str]:
     lines = [f"**{trainer}**: {result['total_flops'] / 1e9:.1f} GFLOP, {result['seconds']:.2f} s, "
              f"{result['step_peak_mib']:.0f} MiB per step", "",
@@ -193,18 +212,23 @@ def main() -> int:
     parser.add_argument("-c", default="2d", help="configuration (default: 2d)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     parser.add_argument("--trainers", nargs="+", required=True, help="trainers to compare with nnUNetTrainer")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per trainer, after a warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per run, after a warm-up")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs per trainer, alternating between trainers, each in a fresh process (medians)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("-o", default=None, help="also write the tables (markdown) here")
     args = parser.parse_args()
     from tqdm import tqdm
-    results = {}
-    for trainer in tqdm([BASELINE, *args.trainers], desc="trainers"):
-        results[trainer] = child(__file__, "pieces", args.d, args.c, args.p, trainer, str(args.steps), args.device)
+    trainers = [BASELINE, *args.trainers]
+    runs: dict = {trainer: [] for trainer in trainers}
+    for _, trainer in tqdm([(r, t) for r in range(args.rounds) for t in trainers], desc="runs"):
+        runs[trainer].append(child(__file__, "pieces", args.d, args.c, args.p, trainer, str(args.steps), args.device))
+    results = {trainer: median_run(trainer_runs) for trainer, trainer_runs in runs.items()}
     base = results[BASELINE]
     lines = [f"Dataset {args.d}, configuration {args.c}, plans {args.p}, device {args.device}: one synthetic batch "
              f"of the planned patch and batch size; FLOPs counted over one training step (forward, loss, backward, "
-             f"optimiser); time the median of {args.steps} steps after a warm-up.", "",
+             f"optimiser); times the median over {args.rounds} alternating runs per trainer of each run's median of "
+             f"{args.steps} steps after a warm-up.", "",
              "| trainer | GFLOP per step | FLOP ratio (floor) | s per step | time ratio | time ratio / FLOP ratio |",
              "|---|---|---|---|---|---|"]
     for trainer, result in results.items():
