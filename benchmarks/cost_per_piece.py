@@ -38,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from training_cost import BASELINE, PeakMemory, child, make_trainer, prepare_child, synthetic_batch  # noqa: E402
+from training_cost import (BASELINE, PeakMemory, child, emit_table, make_trainer, prepare_child,  # noqa: E402
+                           synthetic_batch)
 
-from nnunet_weak.atomic import write_text_atomic  # noqa: E402
 
 REST = "losses and the rest"
 
@@ -242,10 +242,7 @@ def main() -> int:
     for trainer, result in results.items():
         if result is not None:
             lines += piece_table(trainer, result)
-    table = "\n".join(lines)
-    print(table)
-    if args.o:
-        write_text_atomic(table, args.o)
+    emit_table("\n".join(lines), args.o)
     return 0
 
 

@@ -195,6 +195,13 @@ def ratio(numerator, denominator) -> str:
     return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
 
+def emit_table(table: str, output: str | None) -> None:
+    """Print the markdown ``table``; also write it to ``output`` (if given), atomically."""
+    print(table)
+    if output:
+        write_text_atomic(table, output)
+
+
 def run_child_command() -> None:
     """The child side of :func:`child` for the ``steps`` measurement."""
     arguments = sys.argv[2:]
@@ -236,10 +243,7 @@ def main() -> int:
         lines.append(f"| {configuration} | {patch} | {number(base_s, 2)} | {number(method_s, 2)} | "
                      f"{ratio(method_s, base_s)} | {number(base_m, 0)} | {number(method_m, 0)} | "
                      f"{ratio(method_m, base_m)} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.o:
-        write_text_atomic(table, args.o)
+    emit_table("\n".join(lines) + "\n", args.o)
     return 0
 
 
