@@ -50,6 +50,7 @@ from nnunet_weak.budget import BUDGET_ENV, Budget, parse_budget
 from nnunet_weak.environment import environment_with_trainers, find_trainer_class, nnunet_command, required_folder
 from nnunet_weak.errors import StepFailed, UserInputError
 from nnunet_weak.evaluation import score_cases, summarise
+from nnunet_weak.planners.plan_and_preprocess import TWIN_OWN_PLAN_KEYS
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset, read_volume
 from nnunet_weak.statistics import paired_difference
 from nnunet_weak.training.options import OPTIONS_ENV, parse_trainer_options
@@ -130,7 +131,8 @@ def method_name(trainer: str, dataset: RawDataset, dense: bool) -> str:
 
 
 def check_same_plans_and_splits(dense: RawDataset, sparse: RawDataset, plans: str) -> None:
-    """The two datasets must share plans (up to the dataset name) and splits."""
+    """The two datasets must share plans (but for what each holds of its own: its name, its intensity statistics)
+    and splits."""
     preprocessed = required_folder("nnUNet_preprocessed")
     fix = (f"Plan the dense dataset, then give the sparse one its plans: `nnunet-weak plan_and_preprocess "
            f"-d {sparse.name} --plans_from {dense.name}`.")
@@ -140,7 +142,8 @@ def check_same_plans_and_splits(dense: RawDataset, sparse: RawDataset, plans: st
         if not plans_file.is_file():
             raise UserInputError(f"{plans_file} does not exist. {fix}")
         content = json.loads(plans_file.read_text(encoding="utf-8"))
-        content.pop("dataset_name", None)
+        for key in TWIN_OWN_PLAN_KEYS:
+            content.pop(key, None)
         splits_file = preprocessed / dataset.name / "splits_final.json"
         if not splits_file.is_file():
             raise UserInputError(f"{splits_file} does not exist. {fix}")

@@ -78,6 +78,10 @@ def ensure_splits(dataset_name: str, case_identifiers: Sequence[str]) -> list:
     return splits
 
 
+# what a sparse dataset's plans hold of their own, where they differ from its twin's (module docstring)
+TWIN_OWN_PLAN_KEYS = ("dataset_name", "foreground_intensity_properties_per_channel")
+
+
 def copy_plans(source: int | str, target: int | str, plans_identifier: str = "nnUNetPlans",
                num_processes: int = 8) -> str:
     """Give ``target`` the plans and splits of ``source``, with the intensity statistics of its own

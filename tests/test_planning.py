@@ -85,6 +85,19 @@ def test_copy_plans_between_twins_keeps_the_sparse_datasets_own_ct_statistics(nn
     assert ((pre / "Dataset602_Sparse" / "splits_final.json").read_text(encoding="utf-8")
             == (pre / "Dataset604_Dense" / "splits_final.json").read_text(encoding="utf-8"))
 
+    # compare takes them for twins, and refuses plans that differ in anything else
+    from nnunet_weak.compare import check_same_plans_and_splits
+    from nnunet_weak.raw_dataset import load_raw_dataset
+    check_same_plans_and_splits(load_raw_dataset(604), load_raw_dataset(602), "nnUNetPlans")
+    plans_file = pre / "Dataset602_Sparse" / "nnUNetPlans.json"
+    original = plans_file.read_text(encoding="utf-8")
+    altered = json.loads(original)
+    altered["configurations"]["2d"]["batch_size"] += 1
+    plans_file.write_text(json.dumps(altered), encoding="utf-8")
+    with pytest.raises(UserInputError, match="different plans"):
+        check_same_plans_and_splits(load_raw_dataset(604), load_raw_dataset(602), "nnUNetPlans")
+    plans_file.write_text(original, encoding="utf-8")
+
     # the preprocessed images are normalised with the sparse dataset's statistics (2D at the raw spacing: nnU-Net's
     # CT normalisation alone, nothing resampled or cropped)
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
