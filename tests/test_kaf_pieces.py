@@ -83,6 +83,32 @@ def test_log_optimal_transport_matches_explicit_sinkhorn():
                                                                                  alpha.requires_grad_()))
 
 
+def test_log_optimal_transport_gradient_is_autograds_through_the_unrolled_iterations():
+    torch.manual_seed(4)
+    scores = (3 * torch.randn(2, 16, 12)).requires_grad_()
+    alpha = torch.tensor(1.0, requires_grad=True)
+    weights = torch.randn(2, 17, 13)
+
+    def unrolled(scores, alpha, iterations=100):  # SuperGlue's loop, left to autograd
+        batch, m, n = scores.shape
+        a = alpha.expand(batch, 1, 1)
+        couplings = torch.cat((torch.cat((scores, a.expand(batch, m, 1)), 2), torch.cat((a.expand(batch, 1, n), a), 2)), 1)
+        norm = -math.log(m + n)
+        log_mu = torch.tensor([norm] * m + [math.log(n) + norm])
+        log_nu = torch.tensor([norm] * n + [math.log(m) + norm])
+        u, v = torch.zeros(batch, m + 1), torch.zeros(batch, n + 1)
+        for _ in range(iterations):
+            u = log_mu - torch.logsumexp(couplings + v[:, None, :], dim=2)
+            v = log_nu - torch.logsumexp(couplings + u[:, :, None], dim=1)
+        return couplings + u[:, :, None] + v[:, None, :] - norm
+
+    ours = torch.autograd.grad((log_optimal_transport(scores, alpha) * weights).sum(), (scores, alpha))
+    expected = torch.autograd.grad((unrolled(scores, alpha) * weights).sum(), (scores, alpha))
+    torch.testing.assert_close(log_optimal_transport(scores, alpha), unrolled(scores, alpha))
+    for gradient, reference in zip(ours, expected):
+        torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_correspondence_loss_matches_explicit_terms():
     torch.manual_seed(3)
     log_assignment = torch.randn(4, 5, dtype=torch.float64)  # M = 3, N = 4

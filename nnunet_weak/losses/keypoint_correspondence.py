@@ -23,6 +23,8 @@ import math
 import torch
 from kornia.feature import SIFTDescriptor, extract_patches_simple, laf_from_center_scale_ori, match_mnn
 
+from nnunet_weak.losses.local_window import in_single_precision
+
 
 @torch.no_grad()
 def image_descriptors(images: torch.Tensor, positions: torch.Tensor, patch_size: int = 32,
@@ -64,13 +66,55 @@ def correspondences(descriptors_a: torch.Tensor, descriptors_b: torch.Tensor, po
     return pairs[distance <= max_distance].long()
 
 
+class _LogSinkhorn(torch.autograd.Function):
+    """``T`` unrolled Sinkhorn iterations in the log domain on couplings ``C`` ``(B, M', N')``::
+
+        u_t = log μ - logsumexp_j(C_ij + v_{t-1,j})        v_t = log ν - logsumexp_i(C_ij + u_t,i)
+
+    from ``u_0 = v_0 = 0``; returns ``(u_T, v_T)``. The gradient is that of the unrolled iterations (what autograd
+    would give), written out: ``∂v_t/∂C = -softmax_i(C + u_t)`` and ``∂u_t/∂C = -softmax_j(C + v_{t-1})``,
+    chained from ``t = T`` down to 1. Autograd would keep every iteration's intermediates and run about six
+    small operations per ``logsumexp`` backwards; here only ``u_t`` and ``v_t`` are kept and each iteration's
+    backward is two soft-maxes, about three times faster on CPU for SuperGlue's 100 iterations.
+    """
+
+    @staticmethod
+    @in_single_precision
+    def forward(ctx, couplings, log_mu, log_nu, iterations):
+        batch = couplings.shape[0]
+        u = torch.zeros_like(log_mu).expand(batch, -1)
+        v = torch.zeros_like(log_nu).expand(batch, -1)
+        previous_v, all_u = [], []
+        for _ in range(iterations):
+            previous_v.append(v)
+            u = log_mu - torch.logsumexp(couplings + v[:, None, :], dim=2)
+            all_u.append(u)
+            v = log_nu - torch.logsumexp(couplings + u[:, :, None], dim=1)
+        ctx.save_for_backward(couplings, torch.stack(all_u), torch.stack(previous_v))
+        return u, v
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_v):
+        couplings, all_u, previous_v = ctx.saved_tensors
+        grad_couplings = torch.zeros_like(couplings)
+        for t in range(len(all_u) - 1, -1, -1):
+            through_v = torch.softmax(couplings + all_u[t][:, :, None], dim=1) * grad_v[:, None, :]
+            grad_couplings -= through_v
+            grad_u = grad_u - through_v.sum(2)
+            through_u = torch.softmax(couplings + previous_v[t][:, None, :], dim=2) * grad_u[:, :, None]
+            grad_couplings -= through_u
+            grad_v = -through_u.sum(1)
+            grad_u = torch.zeros_like(grad_u)
+        return grad_couplings, None, None, None
+
+
 def log_optimal_transport(scores: torch.Tensor, dustbin: torch.Tensor, iterations: int = 100) -> torch.Tensor:
     """SuperGlue's entropic optimal transport with a dustbin, in the log domain.
 
     Args:
         scores: ``(B, M, N)`` matching scores.
         dustbin: scalar score ``α`` of matching a keypoint to nothing.
-        iterations: Sinkhorn iterations.
+        iterations: Sinkhorn iterations (differentiated through, as in SuperGlue; ``_LogSinkhorn``).
 
     Returns:
         ``(B, M + 1, N + 1)`` log assignment ``log P``: the rows of ``P`` sum to 1 for the ``M`` keypoints of ``a``
@@ -84,11 +128,7 @@ def log_optimal_transport(scores: torch.Tensor, dustbin: torch.Tensor, iteration
     norm = -math.log(m + n)
     log_mu = torch.cat((scores.new_full((m,), norm), scores.new_full((1,), math.log(n) + norm)))
     log_nu = torch.cat((scores.new_full((n,), norm), scores.new_full((1,), math.log(m) + norm)))
-    u = torch.zeros_like(log_mu).expand(batch, -1)
-    v = torch.zeros_like(log_nu).expand(batch, -1)
-    for _ in range(iterations):
-        u = log_mu - torch.logsumexp(couplings + v[:, None, :], dim=2)
-        v = log_nu - torch.logsumexp(couplings + u[:, :, None], dim=1)
+    u, v = _LogSinkhorn.apply(couplings, log_mu, log_nu, iterations)
     return couplings + u[:, :, None] + v[:, None, :] - norm
 
 
