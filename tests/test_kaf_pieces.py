@@ -92,7 +92,8 @@ def test_log_optimal_transport_gradient_is_autograds_through_the_unrolled_iterat
     def unrolled(scores, alpha, iterations=100):  # SuperGlue's loop, left to autograd
         batch, m, n = scores.shape
         a = alpha.expand(batch, 1, 1)
-        couplings = torch.cat((torch.cat((scores, a.expand(batch, m, 1)), 2), torch.cat((a.expand(batch, 1, n), a), 2)), 1)
+        couplings = torch.cat((torch.cat((scores, a.expand(batch, m, 1)), 2),
+                               torch.cat((a.expand(batch, 1, n), a), 2)), 1)
         norm = -math.log(m + n)
         log_mu = torch.tensor([norm] * m + [math.log(n) + norm])
         log_nu = torch.tensor([norm] * n + [math.log(m) + norm])

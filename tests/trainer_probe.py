@@ -247,7 +247,8 @@ def _ddp_worker(rank, dataset, configuration, trainer_name, port, result_file, s
         inside = {id(p) for p in trainer.network.parameters()}
         outside = [name for name, value in vars(trainer).items() if isinstance(value, torch.nn.Module)
                    and any(id(p) not in inside for p in value.parameters())]
-        norms = [type(m).__name__ for m in trainer.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        norms = [type(m).__name__ for m in trainer.network.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         result = {"different": [n for n, (a, b) in zip(state, gathered) if not torch.equal(a, b)], "losses": losses,
                   "modules_with_parameters_outside_network": outside, "batch_norms": sorted(set(norms)),
                   "trainable": sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)}

@@ -14,8 +14,9 @@ the supervision manifest). ``../shared/METHODS.md`` §5 specifies the method; th
   - ``L_cons`` (Eq. 8, from MC-Net+): ``sharpened_cross_consistency_loss``, T = 0.1, all samples.
   - ``L_omni`` (Eq. 6–7): ``omni_correlation_loss`` between the two networks' correlations to the
     memory bank (``ClassMemoryBank``: embeddings of labelled voxels that both networks predict
-    correctly, projected with the heads in eval mode as in the authors' code), over the unlabelled voxels where both agree, the ``omni_voxels_per_class`` most
-    confident per class (``agreeing_confident_voxels``); τ = 0.1.
+    correctly, projected with the heads in eval mode as in the authors' code), over the unlabelled
+    voxels where both agree, the ``omni_voxels_per_class`` most confident per class
+    (``agreeing_confident_voxels``); τ = 0.1.
   - ``λ_c(t) = lambda_consistency · w(t)``, ``λ_o(t) = lambda_omni · w(t)``, ``w`` the ramp-up
     ``sigmoid_rampup`` over the first ``consistency_rampup`` of the epochs.
 

@@ -92,10 +92,9 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
                                    f"and 1; got {getattr(self, name)} in NNUNET_WEAK_TRAINER_OPTIONS.")
         spacing = [float(s) for s in self.configuration_manager.spacing]
         self.crf_window = LocalWindow.gaussian(self.window_radius, self.window_sigma, spacing)
-        windows = ct_intensity_windows(self.configuration_manager.normalization_schemes,
-                                       self.plans_manager.foreground_intensity_properties_per_channel)
-        self.crf_intensity_windows = windows if any(w is not None for w in windows) else None
-        if self.crf_intensity_windows is not None:
+        self.crf_intensity_windows = ct_intensity_windows(
+            self.configuration_manager.normalization_schemes, self.plans_manager.foreground_intensity_properties_per_channel)
+        if any(window is not None for window in self.crf_intensity_windows):
             self.print_to_log_file(f"gated CRF intensity kernel on fixed CT windows (normalised units, per channel): "
                                    f"{self.crf_intensity_windows}")
         self.attention_block, self.attention_window = None, None

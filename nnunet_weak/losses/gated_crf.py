@@ -16,8 +16,9 @@ normalisation, z-scores for MRI, would make the intensity kernel ten times narro
 min–max over the positions inside the image, or by a fixed window per channel (``intensity_windows``).
 The per-sample rescaling suits MRI, whose intensities have no absolute meaning; on CT it would make σ_I
 depend on what the augmented patch happens to hold (air or bone), so there the window is fixed: the
-clipping range of nnU-Net's CT normalisation (:func:`ct_intensity_windows`). Positions are in voxels of the finest axis; with anisotropic
-3D spacing the window and the distance are physical (``nnunet_weak.losses.local_window``).
+clipping range of nnU-Net's CT normalisation (:func:`ct_intensity_windows`). Positions are in voxels of
+the finest axis; with anisotropic 3D spacing the window and the distance are physical
+(``nnunet_weak.losses.local_window``).
 
 Gradients reach ``y`` only (an explicit backward pass, checked by ``gradcheck``). Memory is linear in the
 number of voxels: one window offset at a time, nothing kept per offset.
@@ -45,16 +46,20 @@ def min_max_rescaled(image: torch.Tensor, inside: torch.Tensor | None = None) ->
     return ((flat - low) / span).reshape(image.shape)
 
 
-def window_rescaled(image: torch.Tensor, windows) -> torch.Tensor:
-    """``(B, C, *spatial)`` with channel ``c`` mapped linearly from ``windows[c] = (low, high)`` to [0, 1] (values
-    outside the window stay outside [0, 1]); channels whose window is ``None`` are returned unchanged."""
+def rescaled_intensities(image: torch.Tensor, inside: torch.Tensor | None = None, windows=None) -> torch.Tensor:
+    """``(B, C, *spatial)`` with each channel mapped to [0, 1]: linearly from its fixed window ``windows[c] =
+    (low, high)`` (values outside the window stay outside [0, 1]), or, where the window is ``None`` (or
+    ``windows`` is), by :func:`min_max_rescaled` per sample."""
+    if windows is None:
+        return min_max_rescaled(image, inside)
     if len(windows) != image.shape[1]:
         raise ValueError(f"one intensity window (or None) per input channel: {image.shape[1]} channels, "
                          f"{len(windows)} windows")
+    per_sample = min_max_rescaled(image, inside) if None in windows else None
     channels = []
     for c, window in enumerate(windows):
         if window is None:
-            channels.append(image[:, c])
+            channels.append(per_sample[:, c])
             continue
         low, high = window
         if not high > low:
@@ -163,11 +168,6 @@ def masked_gated_crf_loss(probabilities: torch.Tensor, image: torch.Tensor, unan
     count = gate.sum()
     if count == 0:
         return probabilities.sum() * 0
-    image = at_least_single_precision(image.detach())
-    rescaled = min_max_rescaled(image, inside)
-    if intensity_windows is not None:
-        fixed = window_rescaled(image, intensity_windows)
-        per_sample = torch.tensor([w is None for w in intensity_windows], device=image.device)
-        rescaled = torch.where(per_sample.view(1, -1, *[1] * (image.ndim - 2)), rescaled, fixed)
+    rescaled = rescaled_intensities(at_least_single_precision(image.detach()), inside, intensity_windows)
     return _MaskedGatedCRFEnergy.apply(probabilities, rescaled, gate, valid, window,
                                        1.0 / (2 * intensity_sigma ** 2)) / count
