@@ -253,8 +253,17 @@ class FoldTraining:
             # a new pre-training makes the run that started from the old one stale
             same_options = (same_options and not pretrained_anew
                             and (record.get("pretrained_weights") or {}).get("file") == str(pretrained))
+        command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, fold,
+                   "-tr", run.trainer, "-p", self.plans, "-device", self.device]
+        seed_text = "" if seed is None else f", seed {seed}"
+        log_file = self.output / "logs" / f"{self.seed_key(run, seed)}__fold{fold}__train.log"
         if finished and not self.retrain:
             if same_budget and same_seed and same_options:
+                if not (folder / "validation" / DENSE_SUMMARY).is_file():
+                    # trained to the end, then stopped during its validation: validate, do not retrain
+                    run_logged(command + ["--val"], self.environment(run, seed), log_file,
+                               f"{run.method}: validating the finished run of fold {fold}{seed_text}")
+                    return False
                 print(f"{run.method}: reusing the finished run in {folder}")
                 return False
             if not same_budget:
@@ -270,8 +279,6 @@ class FoldTraining:
             else:
                 raise UserInputError(f"{folder} holds a finished run with options {record.get('options')}, not "
                                      f"{options}. Pass --retrain to replace it.")
-        command = [nnunet_command("nnUNetv2_train"), run.dataset.name, self.configuration, fold,
-                   "-tr", run.trainer, "-p", self.plans, "-device", self.device]
         resumable = ((folder / "checkpoint_latest.pth").is_file() and same_budget and same_seed and same_options
                      and not self.retrain)
         if resumable:
@@ -281,9 +288,7 @@ class FoldTraining:
                 shutil.rmtree(folder)
             if pretrained is not None:
                 command += ["-pretrained_weights", str(pretrained)]
-        seed_text = "" if seed is None else f", seed {seed}"
-        run_logged(command, self.environment(run, seed),
-                   self.output / "logs" / f"{self.seed_key(run, seed)}__fold{fold}__train.log",
+        run_logged(command, self.environment(run, seed), log_file,
                    f"{run.method}: training fold {fold}{seed_text} ({self.budget.describe()})", self.budget.num_epochs)
         return True
 

@@ -15,7 +15,8 @@ from nnunet_weak.losses.gated_crf import ct_intensity_windows, masked_gated_crf_
 from nnunet_weak.losses.local_window import LocalWindow, window_tiles
 from nnunet_weak.networks.encoder_stages import (StageWithBlock, attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)
-from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock
+from nnunet_weak.networks.spatial_self_attention import (SpatialSelfAttentionBlock, attention_window_shape,
+                                                        merge_windows, partition_windows)
 from nnunet_weak.training.options import parse_trainer_options
 from nnunet_weak.transforms.sparse_downsampling import (SparsePreservingDownsampleSegForDSTransform,
                                                         sparse_preserving_downsample)
@@ -162,18 +163,26 @@ def test_gated_crf_rejects_mismatched_shapes():
 
 # ---- attentive similarity -------------------------------------------------------------------------
 
-def explicit_attentive_similarity(probabilities, queries, keys, w, b, radius, sigma, spacing, inside=None):
+def explicit_attentive_similarity(probabilities, queries, keys, w, b, radius, sigma, spacing, inside=None,
+                                  attention_window=None):
     """Eq. 3–5 by loops over positions, with the softmax rows written out; pairs with an end outside the
-    image left out, and the mean taken over the positions inside."""
+    image left out, and the mean taken over the positions inside. With ``attention_window``, a position's
+    partners (in the soft-max and in the pairs) are the positions of its own window only."""
     batch, _, *grid = queries.shape
     cells = positions(grid)
     inside = torch.ones(batch, *grid, dtype=torch.bool) if inside is None else inside
+
+    def partners(p):
+        if attention_window is None:
+            return cells
+        return [q for q in cells if all(a // n == c // n for a, c, n in zip(p, q, attention_window))]
+
     total = 0.0
     for s in range(batch):
         logits = {(p, q): (queries[(s, slice(None), *p)] * keys[(s, slice(None), *q)]).sum() for p in cells for q in cells}
-        normaliser = {p: sum(torch.exp(logits[(p, q)]) for q in cells) for p in cells}
+        normaliser = {p: sum(torch.exp(logits[(p, q)]) for q in partners(p)) for p in cells}
         for p in cells:
-            for q in cells:
+            for q in partners(p):
                 g = explicit_window_weight(p, q, radius, sigma, spacing)
                 if g == 0 or not inside[(s, *p)] or not inside[(s, *q)]:
                     continue
@@ -248,6 +257,36 @@ def test_attentive_similarity_inside_the_image_matches_loops_and_gradients(grid,
     assert attentive_similarity_loss(probabilities, queries, keys, w, b, window, inside=nothing).item() == 0
 
 
+@pytest.mark.parametrize("max_elements", [40, 1 << 20], ids=["tiled", "whole-window"])
+@pytest.mark.parametrize("grid, spacing, attention_window", [((4, 6), (1.0, 1.0), (2, 3)),
+                                                             ((2, 4, 6), (2.0, 1.0, 1.0), (2, 2, 3))])
+def test_windowed_attentive_similarity_matches_loops_and_masked_dense_path(grid, spacing, attention_window,
+                                                                           max_elements):
+    probabilities, queries, keys, w, b = random_attention_inputs(grid, seed=13)
+    inside = torch.rand(2, *grid, generator=torch.Generator().manual_seed(2)) > 0.2
+    window = LocalWindow.gaussian(2, 1.5, spacing)
+    inputs = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
+    twins = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
+    fast = attentive_similarity_loss(*inputs, window, max_elements=max_elements, inside=inside,
+                                     attention_window=attention_window)
+    dense = dense_attentive_similarity_loss(*twins, window, inside=inside, attention_window=attention_window)
+    slow = explicit_attentive_similarity(probabilities, queries, keys, w, b, 2, 1.5, spacing, inside, attention_window)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
+    assert dense.item() == pytest.approx(slow.item(), rel=1e-10)
+    fast.backward()
+    dense.backward()
+    for a, c in zip(inputs, twins):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
+    # the windows change the loss: it is not the global one
+    assert fast.item() != pytest.approx(attentive_similarity_loss(probabilities, queries, keys, w, b, window,
+                                                                  inside=inside).item(), rel=1e-3)
+    small = [t[:1, :2].clone().requires_grad_(True) for t in (queries, keys)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, ww, bb: attentive_similarity_loss(probabilities[:1], q, k, ww, bb, window, max_elements,
+                                                       attention_window=attention_window),
+        (*small, w.clone().requires_grad_(True), b.clone().requires_grad_(True)))
+
+
 def test_attentive_similarity_gradcheck_and_resizing():
     probabilities, queries, keys, w, b = random_attention_inputs((3, 4), seed=5, channels=3, classes=2, batch=1)
     window = LocalWindow.gaussian(2, 1.5, (1.0, 1.0))
@@ -274,17 +313,23 @@ def test_log_normaliser_and_affinity_symmetry():
 
 # ---- attention block -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spatial", [(6, 5), (3, 4, 4)])
-def test_block_attention_equals_naive_softmax(spatial):
+@pytest.mark.parametrize("spatial, window_size, window", [((6, 5), None, None), ((3, 4, 4), None, None),
+                                                          ((6, 5), 3, (3, 1)), ((3, 4, 4), 2, (1, 2, 2))])
+def test_block_attention_equals_naive_softmax(spatial, window_size, window):
     torch.manual_seed(0)
-    block = SpatialSelfAttentionBlock(8, len(spatial)).double()
+    block = SpatialSelfAttentionBlock(8, len(spatial), window_size=window_size).double()
     x = torch.randn(2, 8, *spatial, dtype=torch.float64)
     out = block(x)
-    assert out.shape == x.shape
+    assert out.shape == x.shape and block.last_window == window
     tokens = x.flatten(2).transpose(1, 2)
     normed = block.attention_norm(tokens)
     q, k, v = block.query(normed), block.key(normed), block.value(normed)
-    attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), dim=-1)
+    logits = q @ k.transpose(1, 2) / math.sqrt(8)
+    if window is not None:  # a position attends to the positions of its own window, by coordinates
+        cells = positions(spatial)
+        same = torch.tensor([[all(a // n == c // n for a, c, n in zip(p, r, window)) for r in cells] for p in cells])
+        logits = logits.masked_fill(~same, float("-inf"))
+    attention = torch.softmax(logits, dim=-1)
     tokens = tokens + block.output_projection(attention @ v)
     hidden = block.mlp_in(block.mlp_norm(tokens)).transpose(1, 2).reshape(2, -1, *spatial)
     hidden = torch.nn.functional.gelu(block.mlp_depthwise(hidden)).flatten(2).transpose(1, 2)
@@ -300,6 +345,26 @@ def test_block_attention_equals_naive_softmax(spatial):
 def test_block_rejects_wrong_channels():
     with pytest.raises(ValueError, match="expected"):
         SpatialSelfAttentionBlock(8, 2)(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="window_size"):
+        SpatialSelfAttentionBlock(8, 2, window_size=0)
+
+
+@pytest.mark.parametrize("grid, window_size, expected", [((5, 32, 28), 8, (5, 8, 7)), ((16, 12), 8, (8, 6)),
+                                                         ((7, 6), 4, (1, 3)), ((3, 3), 8, (3, 3))])
+def test_attention_windows_divide_the_grid_and_partition_round_trips(grid, window_size, expected):
+    window = attention_window_shape(grid, window_size)
+    assert window == expected
+    x = torch.randn(2, 3, *grid)
+    windows = partition_windows(x, window)
+    counts = [g // w for g, w in zip(grid, window)]
+    assert windows.shape == (2 * math.prod(counts), 3, *window)
+    for index, corner in enumerate(itertools.product(range(2), *(range(n) for n in counts))):
+        sample, *cell = corner
+        box = tuple(slice(c * w, (c + 1) * w) for c, w in zip(cell, window))
+        assert torch.equal(windows[index], x[(sample, slice(None), *box)])
+    assert torch.equal(merge_windows(windows, 2, grid), x)
+    with pytest.raises(ValueError, match="does not tile"):
+        partition_windows(x, tuple(w + 1 for w in grid))
 
 
 # ---- attaching to the encoder ---------------------------------------------------------------------

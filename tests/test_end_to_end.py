@@ -97,10 +97,15 @@ def test_compare_reuses_finished_runs(workspace):
     if not (fold / "checkpoint_final.pth").is_file():
         pytest.skip("needs the training of test_train_continue_validate_predict_score")
     before = (fold / "checkpoint_final.pth").stat().st_mtime
+    # a run stopped during its validation (trained to the end): validated again, not retrained
+    summary = fold / "validation" / "summary_dense.json"
+    scores = json.loads(summary.read_text(encoding="utf-8"))["mean"]
+    summary.unlink()
     output = folders["nnUNet_results"] / "comparison"
     run_checked([BIN / "nnunet-weak", "compare", "--dense", "950", "--sparse", "951", "--budget", "smoke",
          "--device", "cpu", "--disable_tta", "-o", output], env)
     assert (fold / "checkpoint_final.pth").stat().st_mtime == before
+    assert json.loads(summary.read_text(encoding="utf-8"))["mean"] == scores
     assert (fold_folder(folders, DENSE) / "checkpoint_final.pth").is_file()
     table = (output / "comparison.md").read_text(encoding="utf-8")
     assert "nnU-Net dense (upper bound)" in table and "nnU-Net + partial loss" in table

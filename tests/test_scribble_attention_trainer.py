@@ -32,10 +32,12 @@ def workspace(tmp_path_factory):
     return folders, dict(env, nnUNet_n_proc_DA="0")
 
 
-@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
-def test_training_steps_use_every_term(workspace, configuration):
+@pytest.mark.parametrize("configuration, trainer, stage", [
+    ("2d", TRAINER, 2), ("3d_fullres", TRAINER, 2),
+    ("3d_fullres", "ScribbleAttentionTrainer_stride8", 3), ("3d_fullres", "ScribbleAttentionTrainer_window8", 2)])
+def test_training_steps_use_every_term(workspace, configuration, trainer, stage):
     _, env = workspace
-    result = probe(env, "steps", "961", configuration, TRAINER, "2")
+    result = probe(env, "steps", "961", configuration, trainer, "2")
     for step in result["losses"]:
         assert all(np.isfinite(v) for v in step.values())
         assert step["partial_ce_dice"] != 0 and step["gated_crf"] > 0 and step["attentive_similarity"] > 0
@@ -43,8 +45,10 @@ def test_training_steps_use_every_term(workspace, configuration):
         assert step["loss"] == pytest.approx(step["partial_ce_dice"] + 0.1 * math.exp(-5) * step["gated_crf"]
                                              + 0.1 * math.exp(-5) * step["attentive_similarity"], rel=1e-5)
     gradients = result["parameters"]
-    assert gradients["encoder.stages.2.block.affinity_bias"][1] > 0
-    assert gradients["encoder.stages.2.block.query.weight"][1] > 0
+    assert [name for name in gradients if name.endswith("block.affinity_bias")] == \
+        [f"encoder.stages.{stage}.block.affinity_bias"]
+    assert gradients[f"encoder.stages.{stage}.block.affinity_bias"][1] > 0
+    assert gradients[f"encoder.stages.{stage}.block.query.weight"][1] > 0
 
 
 def test_losses_never_read_dense_labels(workspace, tmp_path):

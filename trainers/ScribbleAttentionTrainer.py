@@ -51,6 +51,9 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
 
     attention_stride = 4
     use_attention_block = True
+    # None: every position attends to every other (the paper's); an int: windowed attention
+    # (SpatialSelfAttentionBlock), L_att on the same windows
+    attention_window_size: int | None = None
     # nnU-Net labels padding and augmentation borders as annotated background: on ACDC 2D patches that
     # is ~30x more "background scribble" than the real ones, which drowns the foreground scribbles in
     # pCE's mean while L_crf pulls towards one class everywhere; the network collapsed to background
@@ -74,7 +77,8 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
         if cls.use_attention_block:
             stage = stage_index_for_stride(network, cls.attention_stride)
             attach_after_encoder_stage(network, stage, SpatialSelfAttentionBlock(
-                stage_channels(network, stage), spatial_dims=len(configuration_manager.patch_size)))
+                stage_channels(network, stage), spatial_dims=len(configuration_manager.patch_size),
+                window_size=cls.attention_window_size))
         return network
 
     def _do_i_compile(self):
@@ -152,7 +156,7 @@ class ScribbleAttentionTrainer(nnUNetWeakTrainer):
             inside_grid = resize_to_grid(inside_image[:, None].float(), grid)[:, 0] > 1 - 1e-6
             attentive = attentive_similarity_loss(probabilities, block.last_queries, block.last_keys,
                                                   block.affinity_weight, block.affinity_bias, self.attention_window,
-                                                  inside=inside_grid)
+                                                  inside=inside_grid, attention_window=block.last_window)
         total = partial_ce_dice + self.crf_weight() * gated_crf + self.attentive_weight() * attentive
         return total, {"partial_ce_dice": partial_ce_dice, "gated_crf": gated_crf, "attentive_similarity": attentive}
 
@@ -180,3 +184,17 @@ class ScribbleAttentionTrainer_outsideBackground(ScribbleAttentionTrainer):
     """Voxels outside the image are annotated background in pCE, as in nnU-Net and the partial-loss baseline."""
 
     outside_image_label = "background"
+
+
+class ScribbleAttentionTrainer_stride8(ScribbleAttentionTrainer):
+    """The attention block after the encoder stage of stride 8 (a quarter of the positions in 2D, an eighth in
+    isotropic 3D): global attention at a coarser grid."""
+
+    attention_stride = 8
+
+
+class ScribbleAttentionTrainer_window8(ScribbleAttentionTrainer):
+    """Windowed attention at stride 4: each position attends within its window of at most 8 positions per axis
+    (``attention_window_shape``), and ``L_att`` couples the pairs of the same window."""
+
+    attention_window_size = 8

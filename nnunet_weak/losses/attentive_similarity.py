@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from nnunet_weak.losses.local_window import (DEFAULT_TILE_ELEMENTS, LocalWindow, WindowTile,
                                              at_least_single_precision, in_single_precision, window_tiles)
+from nnunet_weak.networks.spatial_self_attention import partition_windows
 
 
 def _check_inputs(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, window: LocalWindow):
@@ -220,7 +221,8 @@ class _WholeGridAttentiveEnergy(torch.autograd.Function):
 def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                               affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
                               window: LocalWindow, max_elements: float = DEFAULT_TILE_ELEMENTS,
-                              inside: torch.Tensor | None = None) -> torch.Tensor:
+                              inside: torch.Tensor | None = None,
+                              attention_window: tuple[int, ...] | None = None) -> torch.Tensor:
     """Eq. 5, with memory bounded by ``max_elements`` per block (linear in the number of positions on large grids).
 
     Args:
@@ -233,6 +235,10 @@ def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor
             (:class:`_WholeGridAttentiveEnergy`): cheaper, and its memory is a few such matrices.
         inside: ``(B, *grid)`` bool, True for grid positions inside the image (``None``: all). Pairs with an
             end outside contribute nothing, and outside positions are not counted.
+        attention_window: the window shape of a windowed attention block
+            (``SpatialSelfAttentionBlock.last_window``): ``A``'s rows are normalised over the position's own
+            window and only pairs in one window count, the neighbourhood the block attends to. ``None``:
+            the whole grid, as in the paper.
 
     Returns:
         the scalar loss, a mean over the positions inside the image of every sample (``/(N·B)`` without
@@ -245,7 +251,13 @@ def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor
     queries, keys = at_least_single_precision(queries), at_least_single_precision(keys)
     y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid))
     valid = (torch.ones((batch, *grid), dtype=y.dtype, device=y.device) if inside is None
-             else inside.to(y.dtype)).flatten(1)
+             else inside.to(y.dtype))
+    if attention_window is not None:
+        # each window is a grid of its own: its pairs and its soft-max rows stay inside it
+        queries, keys, y = (partition_windows(t, tuple(attention_window)) for t in (queries, keys, y))
+        valid = partition_windows(valid[:, None], tuple(attention_window))[:, 0]
+        batch, grid = queries.shape[0], list(attention_window)
+    valid = valid.flatten(1)
     count = valid.sum()
     if count == 0:
         return (probabilities.sum() + queries.sum() + keys.sum() + affinity_weight + affinity_bias) * 0
@@ -263,28 +275,47 @@ def attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor
 
 def dense_attentive_similarity_loss(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                                     affinity_weight: torch.Tensor, affinity_bias: torch.Tensor,
-                                    window: LocalWindow, inside: torch.Tensor | None = None) -> torch.Tensor:
+                                    window: LocalWindow, inside: torch.Tensor | None = None,
+                                    attention_window: tuple[int, ...] | None = None) -> torch.Tensor:
     """Eq. 3–5 with the ``N × N`` matrices materialised (the released code's formulation).
 
-    Same arguments and result as :func:`attentive_similarity_loss`; memory quadratic in ``N``.
+    Same arguments and result as :func:`attentive_similarity_loss`; memory quadratic in ``N``. A windowed
+    attention is a mask on the whole grid's matrices here (pairs in different windows: no attention, no
+    term), not a cut into windows.
     """
     _check_inputs(probabilities, queries, keys, window)
     batch, _, *grid = queries.shape
     y = resize_to_grid(at_least_single_precision(probabilities), tuple(grid)).flatten(2).transpose(1, 2)
     valid = torch.ones(y.shape[:2], dtype=y.dtype) if inside is None else inside.flatten(1).to(y.dtype)
-    affinity = attentive_affinity_matrix(queries, keys, affinity_weight, affinity_bias)
+    same_window = None if attention_window is None else same_window_matrix(tuple(grid), tuple(attention_window))
+    affinity = attentive_affinity_matrix(queries, keys, affinity_weight, affinity_bias, same_window)
     dissimilarity = 1 - y @ y.transpose(1, 2)
     gaussian = window_matrix(window, tuple(grid), y.device, y.dtype) * valid[:, :, None] * valid[:, None, :]
+    if same_window is not None:
+        gaussian = gaussian * same_window
     return (affinity * gaussian * dissimilarity).sum() / valid.sum()
 
 
 def attentive_affinity_matrix(queries: torch.Tensor, keys: torch.Tensor, affinity_weight: torch.Tensor,
-                              affinity_bias: torch.Tensor) -> torch.Tensor:
-    """Eq. 3–4 materialised: ``K = sigmoid(w·(A + Aᵀ) + b)``, ``(B, C, *grid)`` → ``(B, N, N)``."""
+                              affinity_bias: torch.Tensor, same_window: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 3–4 materialised: ``K = sigmoid(w·(A + Aᵀ) + b)``, ``(B, C, *grid)`` → ``(B, N, N)``.
+
+    ``same_window`` ``(N, N)`` bool: ``A``'s rows are normalised over the True entries only (windowed attention).
+    """
     q = at_least_single_precision(queries).flatten(2).transpose(1, 2)
     k = at_least_single_precision(keys).flatten(2).transpose(1, 2)
-    attention = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+    logits = q @ k.transpose(1, 2)
+    if same_window is not None:
+        logits = logits.masked_fill(~same_window, float("-inf"))
+    attention = torch.softmax(logits, dim=-1)
     return torch.sigmoid(affinity_weight * (attention + attention.transpose(1, 2)) + affinity_bias)
+
+
+def same_window_matrix(grid: tuple[int, ...], attention_window: tuple[int, ...]) -> torch.Tensor:
+    """``(N, N)`` bool: True where two grid positions lie in the same non-overlapping window."""
+    coordinates = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")).flatten(1)
+    window_index = coordinates // torch.tensor(attention_window)[:, None]
+    return (window_index[:, :, None] == window_index[:, None, :]).all(0)
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,7 +8,14 @@ Applied to the ``N = prod(spatial)`` positions of one encoder stage, treated as 
     x ← LN(x)
 
 The attention itself runs through ``torch.nn.functional.scaled_dot_product_attention``, a fused kernel
-that never materialises the ``N×N`` matrix, in float32. In training mode the block keeps ``Q`` and ``K``
+that never materialises the ``N×N`` matrix, in float32.
+
+With ``window_size`` the attention is **windowed** (a variant for 3D grids, where attention over all
+positions costs ``N²``; not in the paper): the grid is cut into non-overlapping windows
+(:func:`attention_window_shape`: per axis the largest divisor of the extent that is at most
+``window_size``, so no padding is needed) and each position attends to the positions of its own window
+only. Everything else (projections, Mix-FFN over the whole map, norms) is unchanged and has the same
+parameters, so a checkpoint of either form loads into the other. In training mode the block keeps ``Q`` and ``K``
 (with their autograd history) so that the attentive similarity loss can be computed from them
 (``nnunet_weak.losses.attentive_similarity``): its ``A = softmax_rows(Q Kᵀ)`` takes the logits
 *without* the 1/√C scale, as the authors' code does (their forward pass scales, their affinity does
@@ -32,18 +39,24 @@ class SpatialSelfAttentionBlock(nn.Module):
         channels: feature channels ``C`` of the stage (the embedding width).
         spatial_dims: 2 or 3.
         mlp_ratio: hidden width of the Mix-FFN relative to ``C``.
+        window_size: ``None`` (attention over all positions, the paper's) or the largest window extent per
+            axis, in grid positions, for windowed attention.
 
     Shapes:
         input and output ``(B, C, *spatial)``; after a training-mode forward, ``last_queries`` and
-        ``last_keys`` are ``(B, C, *spatial)`` (the projections of each position).
+        ``last_keys`` are ``(B, C, *spatial)`` (the projections of each position) and ``last_window`` the
+        window shape the attention used (``None``: all positions).
     """
 
-    def __init__(self, channels: int, spatial_dims: int, mlp_ratio: int = 4):
+    def __init__(self, channels: int, spatial_dims: int, mlp_ratio: int = 4, window_size: int | None = None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if window_size is not None and window_size < 1:
+            raise ValueError(f"window_size must be None (global attention) or >= 1, got {window_size}")
         self.channels = channels
         self.spatial_dims = spatial_dims
+        self.window_size = window_size
         self.attention_norm = nn.LayerNorm(channels)
         self.query = nn.Linear(channels, channels, bias=False)
         self.key = nn.Linear(channels, channels, bias=False)
@@ -61,6 +74,7 @@ class SpatialSelfAttentionBlock(nn.Module):
         self.affinity_bias = nn.Parameter(torch.zeros(()))
         self.last_queries: torch.Tensor | None = None
         self.last_keys: torch.Tensor | None = None
+        self.last_window: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.channels:
@@ -69,10 +83,17 @@ class SpatialSelfAttentionBlock(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         normed = self.attention_norm(tokens)
         queries, keys, values = self.query(normed), self.key(normed), self.value(normed)
-        # the attention over all positions runs in float32 even under autocast
+        window = None if self.window_size is None else attention_window_shape(tuple(spatial), self.window_size)
+        if window is not None:
+            queries_w, keys_w, values_w = (_token_windows(t, tuple(spatial), window) for t in (queries, keys, values))
+        else:
+            queries_w, keys_w, values_w = queries, keys, values
+        # the attention runs in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
             attended = F.scaled_dot_product_attention(
-                *(at_least_single_precision(t)[:, None] for t in (queries, keys, values)))[:, 0]
+                *(at_least_single_precision(t)[:, None] for t in (queries_w, keys_w, values_w)))[:, 0]
+        if window is not None:
+            attended = _tokens_from_windows(attended, batch, tuple(spatial), window)
         attended = attended.to(values.dtype)
         tokens = tokens + self.output_projection(attended)
 
@@ -84,6 +105,55 @@ class SpatialSelfAttentionBlock(nn.Module):
         if self.training:
             self.last_queries = queries.transpose(1, 2).reshape(batch, channels, *spatial)
             self.last_keys = keys.transpose(1, 2).reshape(batch, channels, *spatial)
+            self.last_window = window
         else:
-            self.last_queries = self.last_keys = None
+            self.last_queries = self.last_keys = self.last_window = None
         return tokens.transpose(1, 2).reshape(batch, channels, *spatial)
+
+
+def attention_window_shape(grid: tuple[int, ...], window_size: int) -> tuple[int, ...]:
+    """Per axis, the largest divisor of the grid's extent that is at most ``window_size``.
+
+    nnU-Net's patch sizes are multiples of the network's total stride, so an encoder grid's extents are
+    multiples of the remaining strides and this stays close to ``window_size`` (a 32×28 grid with 8: 8×7).
+    """
+    return tuple(max(d for d in range(1, min(extent, window_size) + 1) if extent % d == 0) for extent in grid)
+
+
+def partition_windows(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    """Cut ``(B, C, *grid)`` into non-overlapping windows: ``(B · n_windows, C, *window)``.
+
+    Each grid extent must be a multiple of the window's; windows are ordered sample-major.
+    """
+    batch, channels, *grid = x.shape
+    if len(window) != len(grid) or any(g % w for g, w in zip(grid, window)):
+        raise ValueError(f"window {window} does not tile the grid {tuple(grid)}")
+    counts = [g // w for g, w in zip(grid, window)]
+    split = x.reshape(batch, channels, *[n for pair in zip(counts, window) for n in pair])
+    dims = len(grid)
+    order = [0, *(2 + 2 * a for a in range(dims)), 1, *(3 + 2 * a for a in range(dims))]
+    return split.permute(order).reshape(-1, channels, *window)
+
+
+def merge_windows(windows: torch.Tensor, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`partition_windows`: ``(B · n_windows, C, *window)`` → ``(B, C, *grid)``."""
+    _, channels, *window = windows.shape
+    counts = [g // w for g, w in zip(grid, window)]
+    dims = len(grid)
+    split = windows.reshape(batch, *counts, channels, *window)
+    order = [0, 1 + dims, *(a for pair in zip(range(1, 1 + dims), range(2 + dims, 2 + 2 * dims)) for a in pair)]
+    return split.permute(order).reshape(batch, channels, *grid)
+
+
+def _token_windows(tokens: torch.Tensor, grid: tuple[int, ...], window: tuple[int, ...]) -> torch.Tensor:
+    """``(B, N, C)`` tokens of a grid → ``(B · n_windows, N_window, C)``."""
+    batch, _, channels = tokens.shape
+    windows = partition_windows(tokens.transpose(1, 2).reshape(batch, channels, *grid), window)
+    return windows.flatten(2).transpose(1, 2)
+
+
+def _tokens_from_windows(tokens: torch.Tensor, batch: int, grid: tuple[int, ...], window: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`_token_windows`."""
+    channels = tokens.shape[-1]
+    windows = tokens.transpose(1, 2).reshape(-1, channels, *window)
+    return merge_windows(windows, batch, grid).flatten(2).transpose(1, 2)
