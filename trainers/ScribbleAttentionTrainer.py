@@ -32,6 +32,10 @@ Ablations (same everything else): ``ScribbleAttentionTrainer_noCRF`` (λ_crf = 0
 ``ScribbleAttentionTrainer_noAttentiveLoss`` (λ_att = 0, block kept), ``ScribbleAttentionTrainer_noAttentionBlock``
 (no block, hence no L_att: nnU-Net's network with pCE + gated CRF), ``ScribbleAttentionTrainer_outsideBackground``
 (voxels outside the image annotated background in pCE, as in nnU-Net).
+
+Cheaper attention for 3D grids (not in the paper; cost in documentation/ScribbleAttentionTrainer.md):
+``ScribbleAttentionTrainer_stride8`` (the global block at stride 8) and ``ScribbleAttentionTrainer_window8``
+(windowed attention at stride 4, ``L_att`` on the same windows).
 """
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
