@@ -51,4 +51,5 @@ def test_the_table_puts_the_flop_ratio_beside_the_time_ratio(workspace, tmp_path
     row = next(line for line in table.splitlines() if line.startswith("| ScribbleAttentionTrainer |"))
     cells = [float(cell) for cell in row.strip("|").split("|")[1:]]
     flop_ratio, time_ratio, quotient = cells[1], cells[3], cells[4]
-    assert flop_ratio > 1 and quotient == pytest.approx(time_ratio / flop_ratio, abs=0.02)
+    # the cells are rounded to 2 decimals, an error that the division scales with the ratios
+    assert flop_ratio > 1 and quotient == pytest.approx(time_ratio / flop_ratio, rel=0.01, abs=0.02)
