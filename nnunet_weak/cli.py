@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts TRAINER from its final checkpoint with -pretrained_weights, e.g. "
                         "KAFPretrainTrainer:KAFTrainer")
     _add_training_arguments(p, "fold(s) to train; several are ensembled for the test prediction (default: 0)")
+    p.add_argument("--baseline", default=None,
+                   help="the trainer (one of --trainers) every other row is paired against, case by case (default: "
+                        "nnUNetWeakTrainer, the partial loss; the full method when the other rows are its ablations)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense upper bound")
     p.add_argument("--disable_tta", action="store_true", help="predict without mirroring")
     p.add_argument("--seeds", type=int, default=0,

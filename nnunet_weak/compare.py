@@ -311,11 +311,16 @@ class Comparison(FoldTraining):
     def __init__(self, dense: int | str | None, sparse: int | str, trainers: Sequence[str], budget: str,
                  configuration: str = "2d", folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans",
                  device: str | None = None, disable_tta: bool = False, retrain: bool = False,
-                 output: str | os.PathLike | None = None, seeds: int = 0):
+                 output: str | os.PathLike | None = None, seeds: int = 0, baseline: str | None = None):
         super().__init__(budget, configuration, folds, plans, device, retrain, seeds)
         # unknown trainers and options are refused before anything is read
         dense_trainers = [BASE_TRAINER] if dense is not None else []
         chains = [parse_trainer_chain(t) for t in dict.fromkeys(trainers)]
+        # without a baseline among the rows (and none asked for) the table has no paired differences
+        self.baseline = parse_trainer_chain(baseline or BASE_TRAINER)
+        if baseline is not None and self.baseline not in chains:
+            raise UserInputError(f"The baseline '{baseline}' is not one of the trainers ({' '.join(trainers)}): every "
+                                 f"row is paired against it, so add it to --trainers or choose one of them.")
         options = {t: options_from_environment(t) for t in dict.fromkeys(dense_trainers + [t for _, t in chains])}
         for pretraining in {p for p, _ in chains if p}:
             trainer_defaults(pretraining)
@@ -383,7 +388,8 @@ class Comparison(FoldTraining):
             print(f"{run.method}: mean Dice {row['Dice mean']:.4f} (test), {row['validation Dice mean']:.4f} "
                   f"(validation) ({time.time() - started:.0f} s)")
         rows = [r.row(self.sparse.class_labels) for r in results]
-        self.write_outputs(rows, paired_against_baseline(results, self.sparse.class_labels, self.sparse.name))
+        self.write_outputs(rows, paired_against_baseline(results, self.sparse.class_labels, self.sparse.name,
+                                                         self.baseline))
         self.write_figures(results)
         return rows
 
@@ -409,14 +415,14 @@ class Comparison(FoldTraining):
         print(f"Wrote {self.output / 'comparison.md'}, comparison.csv and comparison_dice.png")
 
     def write_figures(self, results: list[RunScores]) -> None:
-        """``comparison_cases.png``: the test cases where the partial-loss baseline (else the first row) has its
+        """``comparison_cases.png``: the test cases where the baseline (the partial loss unless ``--baseline``) has its
         median and its lowest mean Dice, on the slice with the most dense foreground, every row's prediction
         (its first seed) over the image; ``comparison_paired.png``: per case, each sparse row's mean Dice minus
         the baseline's, on validation and test cases."""
         from nnunet_weak.plots import (CaseOverlay, case_overlay_figure, own_style, paired_difference_figure,
                                        save_figure_atomic)
         labels = self.sparse.class_labels
-        baseline = next((r for r in results if r.run.trainer == BASE_TRAINER and r.run.dataset is self.sparse), None)
+        baseline = baseline_scores(results, self.sparse.name, self.baseline)
         reference = baseline or results[0]
         per_case = reference.per_case("test", labels)
         ranked = sorted(per_case, key=lambda case: (np.nan_to_num(per_case[case]["Dice mean"], nan=-1.0), case))
@@ -542,11 +548,18 @@ def paired_against(baseline: RunScores, others: Sequence[RunScores], class_label
     return rows
 
 
-def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse_dataset: str) -> list[dict]:
-    """Each sparse run minus the base trainer on the sparse dataset (the partial-loss baseline), on validation
-    and test cases; nothing without that baseline."""
-    baseline = next((r for r in results if r.run.trainer == BASE_TRAINER and r.run.dataset.name == sparse_dataset),
-                    None)
+def baseline_scores(results: list[RunScores], sparse_dataset: str,
+                    baseline: tuple[str, str] = ("", BASE_TRAINER)) -> RunScores | None:
+    """The run of the ``(pretraining, trainer)`` chain ``baseline`` on the sparse dataset, ``None`` if there is none."""
+    return next((r for r in results if (r.run.pretraining, r.run.trainer) == baseline
+                 and r.run.dataset.name == sparse_dataset), None)
+
+
+def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse_dataset: str,
+                            baseline: tuple[str, str] = ("", BASE_TRAINER)) -> list[dict]:
+    """Each sparse run minus the baseline's (by default the partial loss: ``nnUNetWeakTrainer``) on the sparse
+    dataset, on validation and test cases; nothing without that baseline."""
+    baseline = baseline_scores(results, sparse_dataset, baseline)
     if baseline is None:
         return []
     others = [r for r in results if r is not baseline and r.run.dataset.name == sparse_dataset]
@@ -635,5 +648,5 @@ def compare_from_args(args) -> list[dict]:
         raise UserInputError("Give the dense twin with --dense (the upper bound), or pass --no_dense.")
     comparison = Comparison(None if args.no_dense else args.dense, args.sparse, args.trainers, args.budget,
                             args.configuration, args.folds, args.plans, args.device, args.disable_tta,
-                            args.retrain, args.output, args.seeds)
+                            args.retrain, args.output, args.seeds, args.baseline)
     return comparison.run()

@@ -70,6 +70,9 @@ def test_unknown_trainer_and_budget(nnunet_folders, capsys):
     assert "ScribbleAttentionTrainer_noCRF" in err  # variants are listed, not only modules
     err = _error_of(["compare", "--dense", "1", "--sparse", "2", "--budget", "forever"], capsys)
     assert "Unknown budget 'forever'" in err
+    err = _error_of(["compare", "--sparse", "2", "--no_dense", "--trainers", "nnUNetWeakTrainer",
+                     "--baseline", "ScribbleAttentionTrainer"], capsys)
+    assert "baseline 'ScribbleAttentionTrainer' is not one of the trainers" in err
 
 
 def test_tables_print_in_an_ascii_locale():

@@ -44,3 +44,38 @@ def test_degenerate_inputs():
     assert math.isnan(paired_difference([math.nan], [0.2]).mean)
     with pytest.raises(ValueError, match="paired"):
         paired_difference([0.1, 0.2], [0.1])
+
+
+def test_rows_are_paired_against_the_chosen_baseline():
+    """Each sparse row minus the baseline's scores, case by case: the partial loss by default, any row on request."""
+    from types import SimpleNamespace
+
+    from nnunet_weak.compare import Run, RunScores, paired_against_baseline
+
+    labels = {"A": 1}
+    sparse, dense = SimpleNamespace(name="Dataset951_Sparse"), SimpleNamespace(name="Dataset950_Dense")
+
+    def scores(trainer, dice, dataset=sparse, pretraining=""):
+        cases = {f"case{i}": {"A": {"Dice": d, "HD95": 10 * d}} for i, d in enumerate(dice)}
+        test = {"metric_per_case": [{"case": c, "metrics": m} for c, m in cases.items()]}
+        return RunScores(Run(trainer, trainer, dataset, pretraining=pretraining), {0: cases}, {0: test})
+
+    partial = scores("nnUNetWeakTrainer", [0.5, 0.6, 0.7])
+    full = scores("ScribbleAttentionTrainer", [0.8, 0.8, 0.9])
+    ablation = scores("ScribbleAttentionTrainer_noCRF", [0.7, 0.8, 0.6])
+    upper = scores("nnUNetWeakTrainer", [0.9, 0.9, 0.9], dataset=dense)
+    results = [upper, partial, full, ablation]
+
+    def mean_differences(rows):
+        return {(r["method"], r["baseline"]): r["mean difference"] for r in rows
+                if r["split"] == "validation" and r["score"] == "Dice A"}
+
+    default = mean_differences(paired_against_baseline(results, labels, sparse.name))
+    assert default == pytest.approx({("ScribbleAttentionTrainer", "nnUNetWeakTrainer"): 0.7 / 3,
+                                     ("ScribbleAttentionTrainer_noCRF", "nnUNetWeakTrainer"): 0.3 / 3})
+    against_full = mean_differences(paired_against_baseline(results, labels, sparse.name,
+                                                            ("", "ScribbleAttentionTrainer")))
+    assert against_full == pytest.approx({("nnUNetWeakTrainer", "ScribbleAttentionTrainer"): -0.7 / 3,
+                                          ("ScribbleAttentionTrainer_noCRF", "ScribbleAttentionTrainer"): -0.4 / 3})
+    # a chain is its own row: the fine-tuned trainer alone is not the pre-trained one
+    assert paired_against_baseline(results, labels, sparse.name, ("KAFPretrainTrainer", "ScribbleAttentionTrainer")) == []
