@@ -84,14 +84,12 @@ class SpatialSelfAttentionBlock(nn.Module):
         normed = self.attention_norm(tokens)
         queries, keys, values = self.query(normed), self.key(normed), self.value(normed)
         window = None if self.window_size is None else attention_window_shape(tuple(spatial), self.window_size)
-        if window is not None:
-            queries_w, keys_w, values_w = (_token_windows(t, tuple(spatial), window) for t in (queries, keys, values))
-        else:
-            queries_w, keys_w, values_w = queries, keys, values
+        sequences = (queries, keys, values) if window is None else \
+            tuple(_token_windows(t, tuple(spatial), window) for t in (queries, keys, values))
         # the attention runs in float32 even under autocast
         with torch.autocast(device_type=x.device.type, enabled=False):
             attended = F.scaled_dot_product_attention(
-                *(at_least_single_precision(t)[:, None] for t in (queries_w, keys_w, values_w)))[:, 0]
+                *(at_least_single_precision(t)[:, None] for t in sequences))[:, 0]
         if window is not None:
             attended = _tokens_from_windows(attended, batch, tuple(spatial), window)
         attended = attended.to(values.dtype)
