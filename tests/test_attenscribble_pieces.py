@@ -12,11 +12,10 @@ from nnunet_weak.errors import UserInputError
 from nnunet_weak.losses.attentive_similarity import (attention_log_normaliser, attentive_affinity_matrix,
                                                      attentive_similarity_loss, dense_attentive_similarity_loss)
 from nnunet_weak.losses.gated_crf import ct_intensity_windows, masked_gated_crf_loss
-from nnunet_weak.losses.local_window import LocalWindow, window_tiles
+from nnunet_weak.losses.local_window import LocalWindow, merge_windows, partition_windows, window_tiles
 from nnunet_weak.networks.encoder_stages import (StageWithBlock, attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)
-from nnunet_weak.networks.spatial_self_attention import (SpatialSelfAttentionBlock, attention_window_shape,
-                                                        merge_windows, partition_windows)
+from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock, attention_window_shape
 from nnunet_weak.training.options import parse_trainer_options
 from nnunet_weak.transforms.sparse_downsampling import (SparsePreservingDownsampleSegForDSTransform,
                                                         sparse_preserving_downsample)
@@ -233,37 +232,12 @@ def test_attentive_similarity_paths_equal_dense_on_larger_grid_with_gradients(ma
         torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("max_elements", [60, 1 << 20], ids=["tiled", "whole-grid"])
-@pytest.mark.parametrize("grid, spacing", [((4, 5), (1.0, 1.0)), ((2, 3, 3), (2.0, 1.0, 1.0))])
-def test_attentive_similarity_inside_the_image_matches_loops_and_gradients(grid, spacing, max_elements):
-    probabilities, queries, keys, w, b = random_attention_inputs(grid, seed=11)
-    inside = torch.rand(2, *grid, generator=torch.Generator().manual_seed(4)) > 0.3
-    window = LocalWindow.gaussian(2, 1.5, spacing)
-    inputs = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
-    twins = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
-    fast = attentive_similarity_loss(*inputs, window, max_elements=max_elements, inside=inside)
-    dense = dense_attentive_similarity_loss(*twins, window, inside=inside)
-    slow = explicit_attentive_similarity(probabilities, queries, keys, w, b, 2, 1.5, spacing, inside)
-    assert fast.item() == pytest.approx(slow.item(), rel=1e-10)
-    assert dense.item() == pytest.approx(slow.item(), rel=1e-10)
-    fast.backward()
-    dense.backward()
-    for a, c in zip(inputs, twins):
-        torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
-    # nothing outside the image receives a gradient through the prediction
-    outside = ~inside.flatten(1)
-    assert inputs[0].grad.flatten(2).transpose(1, 2)[outside].abs().max() == 0
-    nothing = torch.zeros_like(inside)
-    assert attentive_similarity_loss(probabilities, queries, keys, w, b, window, inside=nothing).item() == 0
-
-
-@pytest.mark.parametrize("max_elements", [40, 1 << 20], ids=["tiled", "whole-window"])
-@pytest.mark.parametrize("grid, spacing, attention_window", [((4, 6), (1.0, 1.0), (2, 3)),
-                                                             ((2, 4, 6), (2.0, 1.0, 1.0), (2, 2, 3))])
-def test_windowed_attentive_similarity_matches_loops_and_masked_dense_path(grid, spacing, attention_window,
-                                                                           max_elements):
-    probabilities, queries, keys, w, b = random_attention_inputs(grid, seed=13)
-    inside = torch.rand(2, *grid, generator=torch.Generator().manual_seed(2)) > 0.2
+def check_inside_the_image_against_loops_and_dense_path(grid, spacing, max_elements, seed, inside_seed, inside_share,
+                                                        attention_window=None):
+    """The fast loss against explicit loops and the dense path (values and gradients), on random inputs with
+    some grid positions outside the image; returns the inputs, the mask and the fast path's inputs after backward."""
+    probabilities, queries, keys, w, b = random_attention_inputs(grid, seed=seed)
+    inside = torch.rand(2, *grid, generator=torch.Generator().manual_seed(inside_seed)) > inside_share
     window = LocalWindow.gaussian(2, 1.5, spacing)
     inputs = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
     twins = [t.clone().requires_grad_(True) for t in (probabilities, queries, keys, w, b)]
@@ -277,6 +251,29 @@ def test_windowed_attentive_similarity_matches_loops_and_masked_dense_path(grid,
     dense.backward()
     for a, c in zip(inputs, twins):
         torch.testing.assert_close(a.grad, c.grad, rtol=1e-9, atol=1e-12)
+    return (probabilities, queries, keys, w, b), window, inside, fast, inputs
+
+
+@pytest.mark.parametrize("max_elements", [60, 1 << 20], ids=["tiled", "whole-grid"])
+@pytest.mark.parametrize("grid, spacing", [((4, 5), (1.0, 1.0)), ((2, 3, 3), (2.0, 1.0, 1.0))])
+def test_attentive_similarity_inside_the_image_matches_loops_and_gradients(grid, spacing, max_elements):
+    (probabilities, queries, keys, w, b), window, inside, _, inputs = \
+        check_inside_the_image_against_loops_and_dense_path(grid, spacing, max_elements, seed=11, inside_seed=4,
+                                                            inside_share=0.3)
+    # nothing outside the image receives a gradient through the prediction
+    outside = ~inside.flatten(1)
+    assert inputs[0].grad.flatten(2).transpose(1, 2)[outside].abs().max() == 0
+    nothing = torch.zeros_like(inside)
+    assert attentive_similarity_loss(probabilities, queries, keys, w, b, window, inside=nothing).item() == 0
+
+
+@pytest.mark.parametrize("max_elements", [40, 1 << 20], ids=["tiled", "whole-window"])
+@pytest.mark.parametrize("grid, spacing, attention_window", [((4, 6), (1.0, 1.0), (2, 3)),
+                                                             ((2, 4, 6), (2.0, 1.0, 1.0), (2, 2, 3))])
+def test_windowed_attentive_similarity_matches_loops_and_masked_dense_path(grid, spacing, attention_window,
+                                                                           max_elements):
+    (probabilities, queries, keys, w, b), window, inside, fast, _ = check_inside_the_image_against_loops_and_dense_path(
+        grid, spacing, max_elements, seed=13, inside_seed=2, inside_share=0.2, attention_window=attention_window)
     # the windows change the loss: it is not the global one
     assert fast.item() != pytest.approx(attentive_similarity_loss(probabilities, queries, keys, w, b, window,
                                                                   inside=inside).item(), rel=1e-3)

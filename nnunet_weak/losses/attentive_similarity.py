@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_weak.losses.local_window import (DEFAULT_TILE_ELEMENTS, LocalWindow, WindowTile,
-                                             at_least_single_precision, in_single_precision, window_tiles)
-from nnunet_weak.networks.spatial_self_attention import partition_windows
+                                             at_least_single_precision, in_single_precision, partition_windows,
+                                             window_tiles)
 
 
 def _check_inputs(probabilities: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, window: LocalWindow):

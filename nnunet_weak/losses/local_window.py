@@ -17,6 +17,9 @@ that memory stays linear in ``N`` whatever the window:
 Anisotropic spacing: the radius and the Gaussian's sigma are in voxels of the finest axis; along a
 coarser axis the radius shrinks (``floor(radius · s_min / s_axis)``) and distances are measured in
 physical units, so that a 3D window covers the same physical neighbourhood as the 2D one.
+
+:func:`partition_windows` / :func:`merge_windows` cut a grid into non-overlapping windows and back: a
+windowed attention and its attentive similarity loss treat each window as a grid of its own.
 """
 from __future__ import annotations
 
@@ -185,6 +188,31 @@ def window_tiles(window: LocalWindow, grid: tuple[int, ...], batch: int, max_ele
         tiles.append(WindowTile(_ravel(positions, grid).to(device), _ravel(band, grid).to(device),
                                 positions.to(device), band.to(device), axis_weights))
     return tuple(tiles)
+
+
+def partition_windows(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    """Cut ``(B, C, *grid)`` into non-overlapping windows: ``(B · n_windows, C, *window)``.
+
+    Each grid extent must be a multiple of the window's; windows are ordered sample-major.
+    """
+    batch, channels, *grid = x.shape
+    if len(window) != len(grid) or any(g % w for g, w in zip(grid, window)):
+        raise ValueError(f"window {window} does not tile the grid {tuple(grid)}")
+    counts = [g // w for g, w in zip(grid, window)]
+    split = x.reshape(batch, channels, *[n for pair in zip(counts, window) for n in pair])
+    dims = len(grid)
+    order = [0, *(2 + 2 * a for a in range(dims)), 1, *(3 + 2 * a for a in range(dims))]
+    return split.permute(order).reshape(-1, channels, *window)
+
+
+def merge_windows(windows: torch.Tensor, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`partition_windows`: ``(B · n_windows, C, *window)`` → ``(B, C, *grid)``."""
+    _, channels, *window = windows.shape
+    counts = [g // w for g, w in zip(grid, window)]
+    dims = len(grid)
+    split = windows.reshape(batch, *counts, channels, *window)
+    order = [0, 1 + dims, *(a for pair in zip(range(1, 1 + dims), range(2 + dims, 2 + 2 * dims)) for a in pair)]
+    return split.permute(order).reshape(batch, channels, *grid)
 
 
 def at_least_single_precision(tensor: torch.Tensor) -> torch.Tensor:

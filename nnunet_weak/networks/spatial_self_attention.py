@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_weak.losses.local_window import at_least_single_precision
+from nnunet_weak.losses.local_window import at_least_single_precision, merge_windows, partition_windows
 
 
 class SpatialSelfAttentionBlock(nn.Module):
@@ -116,31 +116,6 @@ def attention_window_shape(grid: tuple[int, ...], window_size: int) -> tuple[int
     multiples of the remaining strides and this stays close to ``window_size`` (a 32×28 grid with 8: 8×7).
     """
     return tuple(max(d for d in range(1, min(extent, window_size) + 1) if extent % d == 0) for extent in grid)
-
-
-def partition_windows(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
-    """Cut ``(B, C, *grid)`` into non-overlapping windows: ``(B · n_windows, C, *window)``.
-
-    Each grid extent must be a multiple of the window's; windows are ordered sample-major.
-    """
-    batch, channels, *grid = x.shape
-    if len(window) != len(grid) or any(g % w for g, w in zip(grid, window)):
-        raise ValueError(f"window {window} does not tile the grid {tuple(grid)}")
-    counts = [g // w for g, w in zip(grid, window)]
-    split = x.reshape(batch, channels, *[n for pair in zip(counts, window) for n in pair])
-    dims = len(grid)
-    order = [0, *(2 + 2 * a for a in range(dims)), 1, *(3 + 2 * a for a in range(dims))]
-    return split.permute(order).reshape(-1, channels, *window)
-
-
-def merge_windows(windows: torch.Tensor, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of :func:`partition_windows`: ``(B · n_windows, C, *window)`` → ``(B, C, *grid)``."""
-    _, channels, *window = windows.shape
-    counts = [g // w for g, w in zip(grid, window)]
-    dims = len(grid)
-    split = windows.reshape(batch, *counts, channels, *window)
-    order = [0, 1 + dims, *(a for pair in zip(range(1, 1 + dims), range(2 + dims, 2 + 2 * dims)) for a in pair)]
-    return split.permute(order).reshape(batch, channels, *grid)
 
 
 def _token_windows(tokens: torch.Tensor, grid: tuple[int, ...], window: tuple[int, ...]) -> torch.Tensor:
