@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from nnunet_weak import compare
-from nnunet_weak.compare import FoldTraining, Run, non_default_options, parse_trainer_chain, trainer_defaults
+from nnunet_weak.compare import DENSE_SUMMARY, FoldTraining, Run, non_default_options, parse_trainer_chain, trainer_defaults
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.tune import parse_grid
 
@@ -13,9 +13,11 @@ TRAINER = "ScribbleAttentionTrainer"
 
 
 def finished_run(training, run, run_seed, **record):
+    """A run trained to the end and validated (a run whose validation was interrupted is validated again)."""
     folder = training.fold_folder(run, "0", run_seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "validation").mkdir(parents=True, exist_ok=True)
     (folder / "checkpoint_final.pth").write_bytes(b"")
+    (folder / "validation" / DENSE_SUMMARY).write_text("{}", encoding="utf-8")
     (folder / "nnunet_weak_run.json").write_text(json.dumps(record), encoding="utf-8")
     return folder
 
@@ -36,6 +38,7 @@ def test_option_sets_get_their_own_results_folder(tmp_path, monkeypatch):
 def test_a_finished_run_is_reused_only_with_its_options(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     training = FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=False, seeds=1)
+    training.output = tmp_path / "out"
     dataset = SimpleNamespace(name="Dataset001_X")
     run = Run("b", TRAINER, dataset, "crf_rampup=0")
     options = {**trainer_defaults(TRAINER), "crf_rampup": 0.0}
