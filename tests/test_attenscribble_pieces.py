@@ -12,10 +12,11 @@ from nnunet_weak.errors import UserInputError
 from nnunet_weak.losses.attentive_similarity import (attention_log_normaliser, attentive_affinity_matrix,
                                                      attentive_similarity_loss, dense_attentive_similarity_loss)
 from nnunet_weak.losses.gated_crf import ct_intensity_windows, masked_gated_crf_loss
-from nnunet_weak.losses.local_window import LocalWindow, merge_windows, partition_windows, window_tiles
+from nnunet_weak.losses.local_window import (LocalWindow, largest_divisors_at_most, merge_windows, partition_windows,
+                                             window_tiles)
 from nnunet_weak.networks.encoder_stages import (StageWithBlock, attach_after_encoder_stage, attached_blocks,
                                                  cumulative_stage_strides, stage_channels, stage_index_for_stride)
-from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock, attention_window_shape
+from nnunet_weak.networks.spatial_self_attention import SpatialSelfAttentionBlock
 from nnunet_weak.training.options import parse_trainer_options
 from nnunet_weak.transforms.sparse_downsampling import (SparsePreservingDownsampleSegForDSTransform,
                                                         sparse_preserving_downsample)
@@ -347,9 +348,10 @@ def test_block_rejects_wrong_channels():
 
 
 @pytest.mark.parametrize("grid, window_size, expected", [((5, 32, 28), 8, (5, 8, 7)), ((16, 12), 8, (8, 6)),
-                                                         ((7, 6), 4, (1, 3)), ((3, 3), 8, (3, 3))])
+                                                         ((7, 6), 4, (1, 3)), ((3, 3), 8, (3, 3)),
+                                                         ((10, 16, 14), 4, (2, 4, 2))])
 def test_attention_windows_divide_the_grid_and_partition_round_trips(grid, window_size, expected):
-    window = attention_window_shape(grid, window_size)
+    window = largest_divisors_at_most(grid, window_size)
     assert window == expected
     x = torch.randn(2, 3, *grid)
     windows = partition_windows(x, window)

@@ -25,8 +25,8 @@ Both train on two-stream batches, labelled then unlabelled samples (``SemiSuperv
 Options (``NNUNET_WEAK_TRAINER_OPTIONS``), defaults from the authors' 2D ACDC setting where the paper or
 code gives one: ``student_temperature`` 0.1, ``teacher_temperature`` 0.01 (0.6 for LA), ``momentum`` 0.99,
 ``queue_size`` 36; and, where it gives none, ``unsupervised_fraction`` 0.5, ``embedding_dim`` 128,
-``local_windows_per_axis`` 4 (the output map cut into 4 windows along each axis), ``labelled_per_batch`` (0:
-half the batch).
+``local_windows_per_axis`` 4 (the output map cut into 4 windows along each axis, fewer along an axis that 4 does
+not divide: the largest number that tiles it), ``labelled_per_batch`` (0: half the batch).
 
 ``-tr ACTIONTrainer``, stage B, fine-tuning with anatomical contrast:
 
@@ -55,6 +55,7 @@ from torch.nn import functional as F
 
 from nnunet_weak.losses.anatomical_contrast import anatomical_contrast_loss
 from nnunet_weak.losses.contrastive_distillation import soft_negative_kl
+from nnunet_weak.losses.local_window import largest_divisors_at_most
 from nnunet_weak.losses.pseudo_label import confidence_weighted_pseudo_label_ce
 from nnunet_weak.networks.anatomical_contrast import AnatomicalContrastNetwork, AnatomicalContrastOutput
 from nnunet_weak.networks.contrastive_distillation import ContrastiveDistillationNetwork, ContrastiveDistillationOutput
@@ -77,12 +78,15 @@ class ACTIONPretrainTrainer(SemiSupervisedTrainer):
         return False
 
     def training_network(self, network):
-        windows = int(self.local_windows_per_axis)
+        if self.local_windows_per_axis < 1:
+            raise RuntimeError(f"local_windows_per_axis must be at least 1, got {self.local_windows_per_axis} in "
+                               f"NNUNET_WEAK_TRAINER_OPTIONS.")
         patch = [int(p) for p in self.configuration_manager.patch_size]
-        if windows < 1 or any(p % windows for p in patch):
-            raise ValueError(f"local_windows_per_axis={windows} does not divide the patch {patch}")
-        return ContrastiveDistillationNetwork(network, tuple(p // windows for p in patch), int(self.embedding_dim),
-                                              int(self.queue_size), self.momentum)
+        # a thin 3D axis (ACDC 3d_fullres: 10 slices) takes fewer windows, so that they tile the patch
+        windows = largest_divisors_at_most(patch, int(self.local_windows_per_axis))
+        self.print_to_log_file(f"local distillation: {'x'.join(map(str, windows))} windows of the output map")
+        return ContrastiveDistillationNetwork(network, tuple(p // w for p, w in zip(patch, windows)),
+                                              int(self.embedding_dim), int(self.queue_size), self.momentum)
 
     def supervised_weight(self) -> float:
         """``w_sup(t)``: 0 in the contrastive phase, 1 after it."""

@@ -199,6 +199,6 @@ class ScribbleAttentionTrainer_stride8(ScribbleAttentionTrainer):
 
 class ScribbleAttentionTrainer_window8(ScribbleAttentionTrainer):
     """Windowed attention at stride 4: each position attends within its window of at most 8 positions per axis
-    (``attention_window_shape``), and ``L_att`` couples the pairs of the same window."""
+    (``largest_divisors_at_most``), and ``L_att`` couples the pairs of the same window."""
 
     attention_window_size = 8

@@ -19,7 +19,8 @@ coarser axis the radius shrinks (``floor(radius · s_min / s_axis)``) and distan
 physical units, so that a 3D window covers the same physical neighbourhood as the 2D one.
 
 :func:`partition_windows` / :func:`merge_windows` cut a grid into non-overlapping windows and back: a
-windowed attention and its attentive similarity loss treat each window as a grid of its own.
+windowed attention and its attentive similarity loss treat each window as a grid of its own
+(:func:`largest_divisors_at_most` sizes windows that tile a grid).
 """
 from __future__ import annotations
 
@@ -188,6 +189,19 @@ def window_tiles(window: LocalWindow, grid: tuple[int, ...], batch: int, max_ele
         tiles.append(WindowTile(_ravel(positions, grid).to(device), _ravel(band, grid).to(device),
                                 positions.to(device), band.to(device), axis_weights))
     return tuple(tiles)
+
+
+def largest_divisors_at_most(extents: Sequence[int], bound: int) -> tuple[int, ...]:
+    """Per axis, the largest divisor of the extent that is at most ``bound``: a window size (or a number of
+    windows) that tiles the axis exactly and comes as close to ``bound`` as it can.
+
+    nnU-Net's patch sizes are multiples of the network's total stride, so an encoder grid's extents are
+    multiples of the remaining strides and this stays close to ``bound`` (a 32×28 grid with 8: 8×7); a thin
+    axis gets fewer (10 slices with 4: 2).
+    """
+    if bound < 1:
+        raise ValueError(f"bound must be at least 1, got {bound}")
+    return tuple(max(d for d in range(1, min(extent, bound) + 1) if extent % d == 0) for extent in extents)
 
 
 def partition_windows(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:

@@ -12,8 +12,8 @@ that never materialises the ``N×N`` matrix, in float32.
 
 With ``window_size`` the attention is **windowed** (a variant for 3D grids, where attention over all
 positions costs ``N²``; not in the paper): the grid is cut into non-overlapping windows
-(:func:`attention_window_shape`: per axis the largest divisor of the extent that is at most
-``window_size``, so no padding is needed) and each position attends to the positions of its own window
+(``largest_divisors_at_most``: per axis the largest divisor of the extent that is at most ``window_size``, so
+no padding is needed) and each position attends to the positions of its own window
 only. Everything else (projections, Mix-FFN over the whole map, norms) is unchanged and has the same
 parameters, so a checkpoint of either form loads into the other. In training mode the block keeps ``Q`` and ``K``
 (with their autograd history) so that the attentive similarity loss can be computed from them
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_weak.losses.local_window import at_least_single_precision, merge_windows, partition_windows
+from nnunet_weak.losses.local_window import (at_least_single_precision, largest_divisors_at_most, merge_windows,
+                                             partition_windows)
 
 
 class SpatialSelfAttentionBlock(nn.Module):
@@ -83,7 +84,7 @@ class SpatialSelfAttentionBlock(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         normed = self.attention_norm(tokens)
         queries, keys, values = self.query(normed), self.key(normed), self.value(normed)
-        window = None if self.window_size is None else attention_window_shape(tuple(spatial), self.window_size)
+        window = None if self.window_size is None else largest_divisors_at_most(tuple(spatial), self.window_size)
         sequences = (queries, keys, values) if window is None else \
             tuple(_token_windows(t, tuple(spatial), window) for t in (queries, keys, values))
         # the attention runs in float32 even under autocast
@@ -107,15 +108,6 @@ class SpatialSelfAttentionBlock(nn.Module):
         else:
             self.last_queries = self.last_keys = self.last_window = None
         return tokens.transpose(1, 2).reshape(batch, channels, *spatial)
-
-
-def attention_window_shape(grid: tuple[int, ...], window_size: int) -> tuple[int, ...]:
-    """Per axis, the largest divisor of the grid's extent that is at most ``window_size``.
-
-    nnU-Net's patch sizes are multiples of the network's total stride, so an encoder grid's extents are
-    multiples of the remaining strides and this stays close to ``window_size`` (a 32×28 grid with 8: 8×7).
-    """
-    return tuple(max(d for d in range(1, min(extent, window_size) + 1) if extent % d == 0) for extent in grid)
 
 
 def _token_windows(tokens: torch.Tensor, grid: tuple[int, ...], window: tuple[int, ...]) -> torch.Tensor:
