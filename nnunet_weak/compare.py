@@ -206,6 +206,11 @@ class FoldTraining:
         self.env = environment_with_trainers()
         self.env[BUDGET_ENV] = self.budget.name
 
+    @property
+    def validation_is_held_out(self) -> bool:
+        """False with fold ``all``: nnU-Net then validates on the cases it trained on."""
+        return "all" not in self.folds
+
     @staticmethod
     def results_root(run: Run, seed: int | None) -> Path:
         """The ``nnUNet_results`` of one run and seed."""
@@ -405,7 +410,7 @@ class Comparison(FoldTraining):
 
     def write_outputs(self, rows: list[dict], paired: list[dict]) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
-        markdown = format_markdown(rows, paired, self.caption())
+        markdown = format_markdown(rows, paired, self.caption(), self.validation_is_held_out)
         write_text_atomic(markdown, self.output / "comparison.md")
         write_text_atomic(format_csv(rows), self.output / "comparison.csv")
         if paired:
@@ -580,10 +585,12 @@ def markdown_table(rows: list[dict], columns: list[str], titles: list[str]) -> l
     return lines
 
 
-def format_markdown(rows: list[dict], paired: list[dict], caption: str) -> str:
+def format_markdown(rows: list[dict], paired: list[dict], caption: str, validation_is_held_out: bool = True) -> str:
     scores = [c for c in rows[0] if c.startswith("Dice ") or c in SCORE_COLUMNS]
     scores = [c for c in scores if not c.endswith(SD_SUFFIX)]
-    lines = ["Validation: dense labels of the folds' validation cases (choices are made on these).", ""]
+    lines = ["Validation: dense labels of the folds' validation cases (choices are made on these)."
+             if validation_is_held_out else
+             "Validation of fold all: the training cases themselves, nothing held out (choose nothing on these).", ""]
     lines += markdown_table(rows, ["method", "dataset", "seeds"] + [f"validation {c}" for c in scores],
                     ["method", "dataset", "seeds"] + scores)
     lines += ["", "Test: held-out cases (for the final report only).", ""]

@@ -62,6 +62,9 @@ class Tuning(FoldTraining):
                  folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans", device: str | None = None,
                  retrain: bool = False, output: str | os.PathLike | None = None, seeds: int = 1):
         super().__init__(budget, configuration, folds, plans, device, retrain, seeds)
+        if not self.validation_is_held_out:
+            raise UserInputError("Fold 'all' trains on every training case and validates on the same cases: there is "
+                                 "nothing held out to choose on. Tune on folds 0-4 (-f 0, or -f 0 1 2 3 4).")
         self.dataset = load_raw_dataset(dataset)
         self.trainer = trainer
         self.grid = parse_grid(grid, trainer)

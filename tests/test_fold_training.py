@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 
 from nnunet_weak import compare
-from nnunet_weak.compare import DENSE_SUMMARY, FoldTraining, Run, non_default_options, parse_trainer_chain, trainer_defaults
+from nnunet_weak.compare import (DENSE_SUMMARY, FoldTraining, Run, format_markdown, non_default_options,
+                                 parse_trainer_chain, trainer_defaults)
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.tune import parse_grid
+from nnunet_weak.tune import Tuning, parse_grid
 
 TRAINER = "ScribbleAttentionTrainer"
 
@@ -105,3 +106,15 @@ def test_a_pretrained_run_starts_from_its_pretraining_and_follows_it(tmp_path, m
     # finished from another pre-training: trained again from this one
     finished_run(training, run, 0, budget=budget, seed=0, options=options, pretrained_weights={"file": "/elsewhere"})
     assert training.train(run, "0", 0) is True and commands[-1][-2:] == ["-pretrained_weights", checkpoint]
+
+
+def test_fold_all_is_not_called_held_out(tmp_path, monkeypatch):
+    """nnU-Net's fold 'all' validates on the cases it trained on: tune refuses it, compare's table says so."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    assert FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=False, seeds=1).validation_is_held_out
+    assert not FoldTraining("smoke", "2d", ["all"], "nnUNetPlans", "cpu", retrain=False, seeds=1).validation_is_held_out
+    with pytest.raises(UserInputError, match="nothing held out"):
+        Tuning(1, TRAINER, ["crf_rampup=0"], "smoke", folds=["all"])
+    rows = [{"method": "m", "dataset": "D", "seeds": 1, "Dice mean": 0.5, "validation Dice mean": 0.6}]
+    assert "nothing held out" in format_markdown(rows, [], "caption", validation_is_held_out=False)
+    assert "choices are made on these" in format_markdown(rows, [], "caption")
