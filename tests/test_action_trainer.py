@@ -21,6 +21,11 @@ STRADDLED = "confidence_threshold=0.3"
 LABELLED = {"phantom_0000", "phantom_0001"}
 
 
+def test_the_la_pretraining_variant_differs_in_the_teacher_temperature_only():
+    from nnunet_weak.compare import trainer_defaults
+    assert trainer_defaults(f"{PRETRAIN}_teacherTemperature06") == {**trainer_defaults(PRETRAIN), "teacher_temperature": 0.6}
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     folders, env = planned_phantom_semi(tmp_path_factory.mktemp("action"), 960, 962, ("2d", "3d_fullres"))

@@ -23,7 +23,8 @@ Both train on two-stream batches, labelled then unlabelled samples (``SemiSuperv
   The teacher's embeddings of each step join the queues after the loss.
 
 Options (``NNUNET_WEAK_TRAINER_OPTIONS``), defaults from the authors' 2D ACDC setting where the paper or
-code gives one: ``student_temperature`` 0.1, ``teacher_temperature`` 0.01 (0.6 for LA), ``momentum`` 0.99,
+code gives one: ``student_temperature`` 0.1, ``teacher_temperature`` 0.01 (0.6 for LA:
+``ACTIONPretrainTrainer_teacherTemperature06``), ``momentum`` 0.99,
 ``queue_size`` 36; and, where it gives none, ``unsupervised_fraction`` 0.5, ``embedding_dim`` 128,
 ``local_windows_per_axis`` 4 (the output map cut into 4 windows along each axis, fewer along an axis that 4 does
 not divide: the largest number that tiles it), ``labelled_per_batch`` (0: half the batch).
@@ -113,6 +114,13 @@ class ACTIONPretrainTrainer(SemiSupervisedTrainer):
         return total, {"supervised": supervised, "global_distillation": global_distillation,
                        "local_distillation": local_distillation}
 
+
+
+class ACTIONPretrainTrainer_teacherTemperature06(ACTIONPretrainTrainer):
+    """The authors' LA setting: teacher temperature ``T_t`` = 0.6 (0.01 is their ACDC value). A trainer of its own
+    so that ``compare`` can chain it (``ACTIONPretrainTrainer_teacherTemperature06:ACTIONTrainer``)."""
+
+    tunable_options = {**ACTIONPretrainTrainer.tunable_options, "teacher_temperature": 0.6}
 
 class ACTIONTrainer(SemiSupervisedTrainer):
     """ACTION stage B: EMA-teacher pseudo-labels on a CutMixed strong view, and anatomical contrast."""
