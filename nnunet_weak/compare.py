@@ -393,8 +393,8 @@ class Comparison(FoldTraining):
             print(f"{run.method}: mean Dice {row['Dice mean']:.4f} (test), {row['validation Dice mean']:.4f} "
                   f"(validation) ({time.time() - started:.0f} s)")
         rows = [r.row(self.sparse.class_labels) for r in results]
-        self.write_outputs(rows, paired_against_baseline(results, self.sparse.class_labels, self.sparse.name,
-                                                         self.baseline))
+        paired = paired_against_baseline(results, self.sparse.class_labels, self.sparse.name, self.baseline)
+        self.write_outputs(rows, held_out_pairs(paired, self.validation_is_held_out))
         self.write_figures(results)
         return rows
 
@@ -569,6 +569,11 @@ def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse
         return []
     others = [r for r in results if r is not baseline and r.run.dataset.name == sparse_dataset]
     return paired_against(baseline, others, class_labels)
+
+
+def held_out_pairs(paired: list[dict], validation_is_held_out: bool) -> list[dict]:
+    """The paired rows that are evidence: without the validation split when it is the training cases (fold all)."""
+    return paired if validation_is_held_out else [row for row in paired if row["split"] != "validation"]
 
 
 def _cell(row: dict, column: str) -> str:

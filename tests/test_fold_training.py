@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 
 from nnunet_weak import compare
-from nnunet_weak.compare import (DENSE_SUMMARY, FoldTraining, Run, format_markdown, non_default_options,
-                                 parse_trainer_chain, trainer_defaults)
+from nnunet_weak.compare import (DENSE_SUMMARY, FoldTraining, Run, format_markdown, held_out_pairs,
+                                 non_default_options, parse_trainer_chain, trainer_defaults)
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.tune import Tuning, parse_grid
 
@@ -118,3 +118,6 @@ def test_fold_all_is_not_called_held_out(tmp_path, monkeypatch):
     rows = [{"method": "m", "dataset": "D", "seeds": 1, "Dice mean": 0.5, "validation Dice mean": 0.6}]
     assert "nothing held out" in format_markdown(rows, [], "caption", validation_is_held_out=False)
     assert "choices are made on these" in format_markdown(rows, [], "caption")
+    paired = [{"split": "validation", "score": "Dice mean"}, {"split": "test", "score": "Dice mean"}]
+    assert held_out_pairs(paired, validation_is_held_out=False) == paired[1:]
+    assert held_out_pairs(paired, validation_is_held_out=True) == paired
