@@ -423,7 +423,7 @@ class Comparison(FoldTraining):
         """``comparison_cases.png``: the test cases where the baseline (the partial loss unless ``--baseline``) has its
         median and its lowest mean Dice, on the slice with the most dense foreground, every row's prediction
         (its first seed) over the image; ``comparison_paired.png``: per case, each sparse row's mean Dice minus
-        the baseline's, on validation and test cases."""
+        the baseline's, on validation (unless fold all) and test cases."""
         from nnunet_weak.plots import (CaseOverlay, case_overlay_figure, own_style, paired_difference_figure,
                                        save_figure_atomic)
         labels = self.sparse.class_labels
@@ -446,7 +446,7 @@ class Comparison(FoldTraining):
         others = [r for r in results if r is not baseline and r.run.dataset is self.sparse]
         if baseline is not None and others:
             differences = {}
-            for split in ("validation", "test"):
+            for split in paired_splits(self.validation_is_held_out):
                 base = baseline.per_case(split, labels)
                 differences[split] = {}
                 for result in others:
@@ -571,9 +571,15 @@ def paired_against_baseline(results: list[RunScores], class_labels: dict, sparse
     return paired_against(baseline, others, class_labels)
 
 
+def paired_splits(validation_is_held_out: bool) -> tuple[str, ...]:
+    """The splits whose paired differences are evidence: not the validation split when it is the training cases
+    (fold all)."""
+    return ("validation", "test") if validation_is_held_out else ("test",)
+
+
 def held_out_pairs(paired: list[dict], validation_is_held_out: bool) -> list[dict]:
-    """The paired rows that are evidence: without the validation split when it is the training cases (fold all)."""
-    return paired if validation_is_held_out else [row for row in paired if row["split"] != "validation"]
+    """The paired rows of :func:`paired_splits`."""
+    return [row for row in paired if row["split"] in paired_splits(validation_is_held_out)]
 
 
 def _cell(row: dict, column: str) -> str:

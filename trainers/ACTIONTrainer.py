@@ -115,12 +115,12 @@ class ACTIONPretrainTrainer(SemiSupervisedTrainer):
                        "local_distillation": local_distillation}
 
 
-
 class ACTIONPretrainTrainer_teacherTemperature06(ACTIONPretrainTrainer):
     """The authors' LA setting: teacher temperature ``T_t`` = 0.6 (0.01 is their ACDC value). A trainer of its own
     so that ``compare`` can chain it (``ACTIONPretrainTrainer_teacherTemperature06:ACTIONTrainer``)."""
 
     tunable_options = {**ACTIONPretrainTrainer.tunable_options, "teacher_temperature": 0.6}
+
 
 class ACTIONTrainer(SemiSupervisedTrainer):
     """ACTION stage B: EMA-teacher pseudo-labels on a CutMixed strong view, and anatomical contrast."""
