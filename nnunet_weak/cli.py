@@ -142,6 +142,11 @@ def _add_training_arguments(parser, folds_help: str) -> None:
     parser.add_argument("--retrain", action="store_true",
                         help="train again even if a finished run exists (required when its budget, seed or options "
                              "differ)")
+    parser.add_argument("--records", default=None, metavar="DIR",
+                        help="folder of score records (created if missing): a run this machine does not hold finished "
+                             "is scored from its record there instead of trained, and every run scored writes its "
+                             "record there (per case validation and test scores, what identifies the run), so that "
+                             "tables can be rebuilt and extended elsewhere (documentation/comparing_methods.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

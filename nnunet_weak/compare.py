@@ -52,6 +52,7 @@ from nnunet_weak.errors import StepFailed, UserInputError
 from nnunet_weak.evaluation import score_cases, summarise
 from nnunet_weak.planners.plan_and_preprocess import TWIN_OWN_PLAN_KEYS
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset, read_volume
+from nnunet_weak.score_records import ScoreRecords, record_name
 from nnunet_weak.statistics import paired_difference
 from nnunet_weak.training.options import OPTIONS_ENV, parse_trainer_options
 from nnunet_weak.training.weak_trainer import DENSE_SUMMARY, RUN_RECORD, SEED_ENV
@@ -193,7 +194,7 @@ class FoldTraining:
     output: Path  # set by a subclass; training logs go under output/logs
 
     def __init__(self, budget: str, configuration: str, folds: Sequence[str], plans: str, device: str | None,
-                 retrain: bool, seeds: int):
+                 retrain: bool, seeds: int, records: str | os.PathLike | None = None):
         self.budget: Budget = parse_budget(budget)
         if seeds < 0:
             raise UserInputError(f"--seeds must be 0 (unseeded runs) or a positive number of seeds, got {seeds}.")
@@ -205,6 +206,7 @@ class FoldTraining:
         self.retrain = retrain
         self.env = environment_with_trainers()
         self.env[BUDGET_ENV] = self.budget.name
+        self.records = ScoreRecords(records) if records is not None else None
 
     @property
     def validation_is_held_out(self) -> bool:
@@ -297,17 +299,61 @@ class FoldTraining:
                    f"{run.method}: training fold {fold}{seed_text} ({self.budget.describe()})", self.budget.num_epochs)
         return True
 
-    def validation_scores(self, run: Run, seed: int | None) -> dict[str, dict]:
-        """Per validation case (pooled over the folds), its scores on dense labels from ``summary_dense.json``."""
-        per_case = {}
+    def fold_validation_scores(self, run: Run, seed: int | None) -> dict[str, dict[str, dict]]:
+        """Per fold, per validation case, its scores on dense labels from the fold's ``summary_dense.json``."""
+        per_fold = {}
         for fold in self.folds:
             summary_file = self.fold_folder(run, fold, seed) / "validation" / DENSE_SUMMARY
             if not summary_file.is_file():
                 raise UserInputError(f"{summary_file} does not exist: the run did not finish its validation. Run "
                                      f"`nnUNetv2_train ... --val` for it, or retrain with --retrain.")
-            per_case.update({c["case"]: c["metrics"]
-                             for c in json.loads(summary_file.read_text(encoding="utf-8"))["metric_per_case"]})
-        return per_case
+            per_fold[fold] = {c["case"]: c["metrics"]
+                              for c in json.loads(summary_file.read_text(encoding="utf-8"))["metric_per_case"]}
+        return per_fold
+
+    @staticmethod
+    def pooled(per_fold: dict[str, dict[str, dict]]) -> dict[str, dict]:
+        """The validation cases of all folds in one ``{case: scores}``."""
+        return {case: scores for cases in per_fold.values() for case, scores in cases.items()}
+
+    def validation_scores(self, run: Run, seed: int | None) -> dict[str, dict]:
+        """Per validation case (pooled over the folds), its scores on dense labels from ``summary_dense.json``."""
+        return self.pooled(self.fold_validation_scores(run, seed))
+
+    # ---- score records (nnunet_weak.score_records) -------------------------------------------------
+
+    def identity(self, run: Run, seed: int | None) -> dict:
+        """What decides a run's scores, as its score record states it."""
+        return {"dataset": run.dataset.name, "trainer": run.trainer, "pretraining": run.pretraining,
+                "options": parse_trainer_options(run.options, trainer_defaults(run.trainer), run.trainer),
+                "plans": self.plans, "configuration": self.configuration, "folds": self.folds,
+                "budget": self.budget.to_json(), "seed": seed}
+
+    def record_name(self, run: Run, seed: int | None) -> str:
+        return record_name(run.key, self.plans, self.configuration, self.folds, self.budget.name, seed)
+
+    def recorded(self, run: Run, seed: int | None, test_mirroring: bool | None = None) -> dict | None:
+        """The score record of a run that this machine does not hold finished (a finished run here is scored
+        from its own files), ``None`` without one; with ``test_mirroring``, only one that holds the test scores
+        of the current test cases, predicted with (True) or without (False) mirroring."""
+        if self.records is None or self.retrain:
+            return None
+        if all((self.fold_folder(run, fold, seed) / "checkpoint_final.pth").is_file() for fold in self.folds):
+            return None
+        record = self.records.read(self.record_name(run, seed), self.identity(run, seed))
+        if record is None or test_mirroring is None:
+            return record
+        test = record["test"]
+        if (test is None or test["mirroring"] != test_mirroring
+                or {c["case"] for c in test["summary"]["metric_per_case"]} != set(self.test_cases)):
+            return None
+        return record
+
+    def write_record(self, run: Run, seed: int | None, test: dict | None = None) -> None:
+        """Record a scored run (nothing without ``--records``); ``test``: ``{"mirroring": ..., "summary": ...}``."""
+        if self.records is not None:
+            self.records.write(self.record_name(run, seed), self.identity(run, seed),
+                               self.fold_validation_scores(run, seed), test)
 
 
 class Comparison(FoldTraining):
@@ -316,8 +362,9 @@ class Comparison(FoldTraining):
     def __init__(self, dense: int | str | None, sparse: int | str, trainers: Sequence[str], budget: str,
                  configuration: str = "2d", folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans",
                  device: str | None = None, disable_tta: bool = False, retrain: bool = False,
-                 output: str | os.PathLike | None = None, seeds: int = 0, baseline: str | None = None):
-        super().__init__(budget, configuration, folds, plans, device, retrain, seeds)
+                 output: str | os.PathLike | None = None, seeds: int = 0, baseline: str | None = None,
+                 records: str | os.PathLike | None = None):
+        super().__init__(budget, configuration, folds, plans, device, retrain, seeds, records)
         # unknown trainers and options are refused before anything is read
         dense_trainers = [BASE_TRAINER] if dense is not None else []
         chains = [parse_trainer_chain(t) for t in dict.fromkeys(trainers)]
@@ -385,9 +432,15 @@ class Comparison(FoldTraining):
             started = time.time()
             test, validation = {}, {}
             for seed in self.seeds:
+                record = self.recorded(run, seed, test_mirroring=not self.disable_tta)
+                if record is not None:
+                    print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
+                    validation[seed], test[seed] = self.pooled(record["validation"]), record["test"]["summary"]
+                    continue
                 retrained = any([self.train(run, fold, seed) for fold in self.folds])
                 test[seed] = self.score(run, self.predict(run, retrained, seed), seed)
                 validation[seed] = self.validation_scores(run, seed)
+                self.write_record(run, seed, {"mirroring": not self.disable_tta, "summary": test[seed]})
             results.append(RunScores(run, validation, test))
             row = results[-1].row(self.sparse.class_labels)
             print(f"{run.method}: mean Dice {row['Dice mean']:.4f} (test), {row['validation Dice mean']:.4f} "
@@ -438,10 +491,15 @@ class Comparison(FoldTraining):
             index = int(np.argmax((truth > 0).reshape(len(truth), -1).sum(1)))
             predictions = {}
             for result in results:
-                folder = self.output / "predictions" / self.seed_key(result.run, self.seeds[0])
-                predictions[result.run.method] = as_slices(read_volume(folder / f"{case}{self.sparse.file_ending}")[0])[index]
+                folder = self.predictions_to_show(result.run)
+                if folder is not None:
+                    predictions[result.run.method] = as_slices(
+                        read_volume(folder / f"{case}{self.sparse.file_ending}")[0])[index]
             cases.append(CaseOverlay(f"{case} slice {index}: {reference.run.method}'s {rank} mean Dice "
                                      f"({per_case[case]['Dice mean']:.2f})", image[index], truth[index], predictions))
+        unseen = [r.run.method for r in results if self.predictions_to_show(r.run) is None]
+        if unseen:
+            print(f"comparison_cases.png leaves out {', '.join(unseen)}: scored from records, no predictions here")
         figures = {"comparison_cases.png": lambda: case_overlay_figure(cases, labels)}
         others = [r for r in results if r is not baseline and r.run.dataset is self.sparse]
         if baseline is not None and others:
@@ -459,6 +517,13 @@ class Comparison(FoldTraining):
             for name, draw in figures.items():
                 save_figure_atomic(draw(), self.output / name)
         print(f"Wrote {', '.join(figures)}")
+
+
+    def predictions_to_show(self, run: Run) -> Path | None:
+        """The test predictions of a run's first seed that has them here (``None``: every seed came from a score
+        record)."""
+        folders = [self.output / "predictions" / self.seed_key(run, seed) for seed in self.seeds]
+        return next((folder for folder in folders if folder.is_dir()), None)
 
 
 def as_slices(volume: np.ndarray) -> np.ndarray:
@@ -666,5 +731,5 @@ def compare_from_args(args) -> list[dict]:
         raise UserInputError("Give the dense twin with --dense (the upper bound), or pass --no_dense.")
     comparison = Comparison(None if args.no_dense else args.dense, args.sparse, args.trainers, args.budget,
                             args.configuration, args.folds, args.plans, args.device, args.disable_tta,
-                            args.retrain, args.output, args.seeds, args.baseline)
+                            args.retrain, args.output, args.seeds, args.baseline, args.records)
     return comparison.run()

@@ -60,8 +60,9 @@ class Tuning(FoldTraining):
 
     def __init__(self, dataset: int | str, trainer: str, grid: Sequence[str], budget: str, configuration: str = "2d",
                  folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans", device: str | None = None,
-                 retrain: bool = False, output: str | os.PathLike | None = None, seeds: int = 1):
-        super().__init__(budget, configuration, folds, plans, device, retrain, seeds)
+                 retrain: bool = False, output: str | os.PathLike | None = None, seeds: int = 1,
+                 records: str | os.PathLike | None = None):
+        super().__init__(budget, configuration, folds, plans, device, retrain, seeds, records)
         if not self.validation_is_held_out:
             raise UserInputError("Fold 'all' trains on every training case and validates on the same cases: there is "
                                  "nothing held out to choose on. Tune on folds 0-4 (-f 0, or -f 0 1 2 3 4).")
@@ -84,9 +85,15 @@ class Tuning(FoldTraining):
             started = time.time()
             validation = {}
             for seed in self.seeds:
+                record = self.recorded(run, seed)
+                if record is not None:
+                    print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
+                    validation[seed] = self.pooled(record["validation"])
+                    continue
                 for fold in self.folds:
                     self.train(run, fold, seed)
                 validation[seed] = self.validation_scores(run, seed)
+                self.write_record(run, seed)
             results.append(RunScores(run, validation, test={}))
             row = self.row(results[-1])
             print(f"{run.method}: validation mean Dice {row['Dice mean']:.4f} ({time.time() - started:.0f} s)")
@@ -142,5 +149,5 @@ class Tuning(FoldTraining):
 
 def tune_from_args(args) -> tuple[list[dict], list[dict]]:
     tuning = Tuning(args.d, args.trainer, args.grid, args.budget, args.configuration, args.folds, args.plans,
-                    args.device, args.retrain, args.output, args.seeds)
+                    args.device, args.retrain, args.output, args.seeds, args.records)
     return tuning.run()

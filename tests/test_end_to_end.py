@@ -179,10 +179,22 @@ def test_compare_with_seeds_reports_validation_and_paired_differences(workspace)
     for figure in ("comparison_dice.png", "comparison_cases.png", "comparison_paired.png"):
         assert (output / figure).stat().st_size > 10_000
 
-    # finished seeds are reused
+    # finished seeds are reused; with --records each run's scores are recorded
     before = fold(trainers[0], 1).joinpath("checkpoint_final.pth").stat().st_mtime
-    run_checked(command, env)
+    records = folders["nnUNet_results"].parent / "records"
+    run_checked(command + ["--records", records], env)
     assert fold(trainers[0], 1).joinpath("checkpoint_final.pth").stat().st_mtime == before
+    assert len(list(records.glob("*.json"))) == len(trainers) * 2
+
+    # where none of the runs exists, the records rebuild the same table without training or predicting
+    elsewhere = folders["nnUNet_results"].parent / "results_elsewhere"
+    elsewhere.mkdir()
+    rebuilt = elsewhere / "comparison"
+    out = run_checked(command[:-1] + [rebuilt, "--records", records], dict(env, nnUNet_results=str(elsewhere)))
+    assert "scored from its record" in out.stdout
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["comparison"]
+    for table in ("comparison.csv", "comparison_paired.csv"):
+        assert (rebuilt / table).read_text(encoding="utf-8") == (output / table).read_text(encoding="utf-8")
 
 
 AUDIT_HOOK = """
@@ -221,8 +233,12 @@ def test_tune_chooses_on_validation_and_never_opens_the_test_set(workspace, tmp_
 
     output = folders["nnUNet_results"] / "tuning"
     run_checked([BIN / "nnunet-weak", "tune", "-d", "951", "-tr", "ScribbleAttentionTrainer", "--grid", "crf_rampup=0",
-                 "--budget", "smoke", "--device", "cpu", "--seeds", "1", "-o", output], watched)
+                 "--budget", "smoke", "--device", "cpu", "--seeds", "1", "-o", output, "--records", tmp_path / "records"],
+                watched)
     assert not log.exists(), log.read_text(encoding="utf-8")
+    # its score records hold validation scores only
+    records = [json.loads(f.read_text(encoding="utf-8")) for f in (tmp_path / "records").glob("*.json")]
+    assert len(records) == 2 and all(r["test"] is None and set(r["validation"]) == {"0"} for r in records)
 
     def fold(root):
         return root / "nnunet_weak_seeds" / "seed_0" / SPARSE / "ScribbleAttentionTrainer__nnUNetPlans__2d" / "fold_0"

@@ -1,0 +1,116 @@
+"""Score records: a run's scores kept apart from its files, used only for the same run and the same splits."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from nnunet_weak.compare import DENSE_SUMMARY, FoldTraining, Run, trainer_defaults
+from nnunet_weak.errors import UserInputError
+from nnunet_weak.score_records import ScoreRecords, record_name
+
+TRAINER = "ScribbleAttentionTrainer"
+DATASET = "Dataset001_X"
+NAN = float("nan")
+
+
+def scores(dice):
+    return {"RV": {"Dice": dice, "HD95": 3.0}, "MYO": {"Dice": NAN, "HD95": NAN}}
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    for name in ("nnUNet_results", "nnUNet_preprocessed"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    splits = [{"train": ["c", "d"], "val": ["a", "b"]}, {"train": ["a", "b"], "val": ["c", "d"]}]
+    (tmp_path / "nnUNet_preprocessed" / DATASET).mkdir()
+    (tmp_path / "nnUNet_preprocessed" / DATASET / "splits_final.json").write_text(json.dumps(splits), encoding="utf-8")
+    return tmp_path
+
+
+def training(folders, retrain=False):
+    fold_training = FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=retrain, seeds=2,
+                                 records=folders / "records")
+    fold_training.output = folders / "out"
+    fold_training.test_cases = {"t1": None}
+    return fold_training
+
+
+def same(a, b):
+    """Equal as JSON (a NaN score is not equal to itself)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def finish_here(fold_training, run, seed, validation):
+    """A run trained and validated on this machine."""
+    folder = fold_training.fold_folder(run, "0", seed)
+    (folder / "validation").mkdir(parents=True)
+    (folder / "checkpoint_final.pth").write_bytes(b"")
+    summary = {"metric_per_case": [{"case": case, "metrics": metrics} for case, metrics in validation.items()]}
+    (folder / "validation" / DENSE_SUMMARY).write_text(json.dumps(summary), encoding="utf-8")
+
+
+def test_a_record_is_read_back_only_for_its_own_run(folders):
+    run = Run("sa", TRAINER, SimpleNamespace(name=DATASET))
+    fold_training = training(folders)
+    validation = {"a": scores(0.8), "b": scores(0.6)}
+    finish_here(fold_training, run, 1, validation)
+    test = {"mirroring": False, "summary": {"metric_per_case": [{"case": "t1", "metrics": scores(0.7)}]}}
+    fold_training.write_record(run, 1, test)
+    name = record_name(run.key, "nnUNetPlans", "2d", ["0"], "smoke", 1)
+    record = json.loads((folders / "records" / name).read_text(encoding="utf-8"))
+    assert record["identity"]["options"] == trainer_defaults(TRAINER) and record["identity"]["seed"] == 1
+    assert same(record["validation"], {"0": validation}) and same(record["test"], test)
+
+    # this machine holds the finished run: its own files are read, not the record
+    assert fold_training.recorded(run, 1) is None
+    # another machine (no run folders): the record stands for the run, with its test scores if they match
+    elsewhere = training(folders)
+    (folders / "nnUNet_results").rename(folders / "moved")
+    (folders / "nnUNet_results").mkdir()
+    assert same(elsewhere.recorded(run, 1)["validation"], record["validation"])
+    assert same(elsewhere.recorded(run, 1, test_mirroring=False)["test"], test)
+    assert elsewhere.recorded(run, 1, test_mirroring=True) is None
+    elsewhere.test_cases = {"t1": None, "t2": None}
+    assert elsewhere.recorded(run, 1, test_mirroring=False) is None
+    assert sorted(elsewhere.pooled(record["validation"])) == ["a", "b"]
+    # another seed, other options, --retrain: no record stands for them
+    assert elsewhere.recorded(run, 0) is None
+    assert training(folders, retrain=True).recorded(run, 1) is None
+
+
+def test_a_record_of_other_options_is_not_used_and_another_split_is_an_error(folders, capsys):
+    dataset = SimpleNamespace(name=DATASET)
+    run = Run("sa", TRAINER, dataset)
+    records = ScoreRecords(folders / "records")
+    fold_training = training(folders)
+    name = fold_training.record_name(run, 0)
+    identity = fold_training.identity(run, 0)
+    records.write(name, {**identity, "options": {**identity["options"], "crf_rampup": 0.0}},
+                  {"0": {"a": scores(0.8), "b": scores(0.6)}}, None)
+    assert fold_training.recorded(run, 0) is None
+    assert "differs in: options" in capsys.readouterr().out
+
+    records.write(name, identity, {"0": {"a": scores(0.8), "z": scores(0.6)}}, None)
+    with pytest.raises(UserInputError, match="splits changed"):
+        fold_training.recorded(run, 0)
+    (folders / "records" / name).write_text("{", encoding="utf-8")
+    with pytest.raises(UserInputError, match="not valid JSON"):
+        fold_training.recorded(run, 0)
+    with pytest.raises(UserInputError, match="is a file"):
+        ScoreRecords(folders / "records" / name)
+
+
+def test_validation_only_rewrite_keeps_test_scores_of_the_same_model_only(folders):
+    records = ScoreRecords(folders / "records")
+    # a dataset without splits_final.json here: its cases are not checked
+    identity = {"dataset": "Dataset002_Y", "seed": 0}
+    test = {"mirroring": True, "summary": {"metric_per_case": []}}
+    validation = {"0": {"a": scores(0.8)}}
+    records.write("r.json", identity, validation, test)
+    # tune scores the same model again (NaN scores included): compare's test scores stay
+    records.write("r.json", identity, json.loads(json.dumps(validation)), None)
+    assert records.read("r.json", identity)["test"] == test
+    # a retrained model: the old test scores are not its own
+    records.write("r.json", identity, {"0": {"a": scores(0.5)}}, None)
+    assert records.read("r.json", identity)["test"] is None
