@@ -27,7 +27,7 @@ def readable_as_umask_allows(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
-def write_json_atomic(data, path: str | os.PathLike, indent: int = 2) -> None:
+def write_json_atomic(data, path: str | os.PathLike, indent: int | None = 2) -> None:
     """Serialise ``data`` as JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from nnunet_weak.errors import StepFailed, UserInputError
 from nnunet_weak.evaluation import score_cases, summarise
 from nnunet_weak.planners.plan_and_preprocess import TWIN_OWN_PLAN_KEYS
 from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset, read_volume
-from nnunet_weak.score_records import ScoreRecords, record_name
+from nnunet_weak.score_records import ScoreRecords, record_name, recorded_test_summary
 from nnunet_weak.statistics import paired_difference
 from nnunet_weak.training.options import OPTIONS_ENV, parse_trainer_options
 from nnunet_weak.training.weak_trainer import DENSE_SUMMARY, RUN_RECORD, SEED_ENV
@@ -332,22 +332,14 @@ class FoldTraining:
     def record_name(self, run: Run, seed: int | None) -> str:
         return record_name(run.key, self.plans, self.configuration, self.folds, self.budget.name, seed)
 
-    def recorded(self, run: Run, seed: int | None, test_mirroring: bool | None = None) -> dict | None:
+    def recorded(self, run: Run, seed: int | None) -> dict | None:
         """The score record of a run that this machine does not hold finished (a finished run here is scored
-        from its own files), ``None`` without one; with ``test_mirroring``, only one that holds the test scores
-        of the current test cases, predicted with (True) or without (False) mirroring."""
+        from its own files), ``None`` without one."""
         if self.records is None or self.retrain:
             return None
         if all((self.fold_folder(run, fold, seed) / "checkpoint_final.pth").is_file() for fold in self.folds):
             return None
-        record = self.records.read(self.record_name(run, seed), self.identity(run, seed))
-        if record is None or test_mirroring is None:
-            return record
-        test = record["test"]
-        if (test is None or test["mirroring"] != test_mirroring
-                or {c["case"] for c in test["summary"]["metric_per_case"]} != set(self.test_cases)):
-            return None
-        return record
+        return self.records.read(self.record_name(run, seed), self.identity(run, seed))
 
     def write_record(self, run: Run, seed: int | None, test: dict | None = None) -> None:
         """Record a scored run (nothing without ``--records``); ``test``: ``{"mirroring": ..., "summary": ...}``."""
@@ -432,10 +424,11 @@ class Comparison(FoldTraining):
             started = time.time()
             test, validation = {}, {}
             for seed in self.seeds:
-                record = self.recorded(run, seed, test_mirroring=not self.disable_tta)
-                if record is not None:
+                record = self.recorded(run, seed)
+                recorded_test = recorded_test_summary(record, not self.disable_tta, self.test_cases)
+                if recorded_test is not None:
                     print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
-                    validation[seed], test[seed] = self.pooled(record["validation"]), record["test"]["summary"]
+                    validation[seed], test[seed] = self.pooled(record["validation"]), recorded_test
                     continue
                 retrained = any([self.train(run, fold, seed) for fold in self.folds])
                 test[seed] = self.score(run, self.predict(run, retrained, seed), seed)

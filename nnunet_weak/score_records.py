@@ -57,6 +57,15 @@ def fold_validation_cases(dataset: str, fold: str) -> set[str] | None:
     return set(splits[int(fold)]["val"]) if int(fold) < len(splits) else None
 
 
+def recorded_test_summary(record: dict | None, mirroring: bool, test_cases) -> dict | None:
+    """The record's test summary if it scored exactly ``test_cases`` with (``mirroring`` True) or without
+    test-time mirroring; ``None`` otherwise (no record, a record of ``tune``, other test cases or mirroring)."""
+    test = record["test"] if record is not None else None
+    if test is None or test["mirroring"] != mirroring:
+        return None
+    return test["summary"] if {c["case"] for c in test["summary"]["metric_per_case"]} == set(test_cases) else None
+
+
 class ScoreRecords:
     """A folder of score records: ``read`` one for an identity, ``write`` one after a run is scored."""
 
@@ -105,5 +114,10 @@ class ScoreRecords:
                           and json.dumps(previous.get("validation"), sort_keys=True) == json.dumps(validation, sort_keys=True))
             if same_model:
                 test = previous.get("test")
+        if test is not None:
+            # per case its scores only: the prediction and label files are this machine's paths
+            summary = {**test["summary"], "metric_per_case": [{"case": c["case"], "metrics": c["metrics"]}
+                                                              for c in test["summary"]["metric_per_case"]]}
+            test = {**test, "summary": summary}
         write_json_atomic({"format": RECORD_FORMAT, "nnunet_weak_version": package_version(), "identity": identity,
-                           "validation": validation, "test": test}, path)
+                           "validation": validation, "test": test}, path, indent=None)

@@ -6,7 +6,7 @@ import pytest
 
 from nnunet_weak.compare import DENSE_SUMMARY, FoldTraining, Run, trainer_defaults
 from nnunet_weak.errors import UserInputError
-from nnunet_weak.score_records import ScoreRecords, record_name
+from nnunet_weak.score_records import ScoreRecords, record_name, recorded_test_summary
 
 TRAINER = "ScribbleAttentionTrainer"
 DATASET = "Dataset001_X"
@@ -32,7 +32,6 @@ def training(folders, retrain=False):
     fold_training = FoldTraining("smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=retrain, seeds=2,
                                  records=folders / "records")
     fold_training.output = folders / "out"
-    fold_training.test_cases = {"t1": None}
     return fold_training
 
 
@@ -56,7 +55,8 @@ def test_a_record_is_read_back_only_for_its_own_run(folders):
     validation = {"a": scores(0.8), "b": scores(0.6)}
     finish_here(fold_training, run, 1, validation)
     test = {"mirroring": False, "summary": {"metric_per_case": [{"case": "t1", "metrics": scores(0.7)}]}}
-    fold_training.write_record(run, 1, test)
+    fold_training.write_record(run, 1, {"mirroring": False, "summary": {"metric_per_case": [
+        {"case": "t1", "prediction": "/here/t1.nii.gz", "reference": "/here/labelsTs/t1.nii.gz", "metrics": scores(0.7)}]}})
     name = record_name(run.key, "nnUNetPlans", "2d", ["0"], "smoke", 1)
     record = json.loads((folders / "records" / name).read_text(encoding="utf-8"))
     assert record["identity"]["options"] == trainer_defaults(TRAINER) and record["identity"]["seed"] == 1
@@ -68,11 +68,13 @@ def test_a_record_is_read_back_only_for_its_own_run(folders):
     elsewhere = training(folders)
     (folders / "nnUNet_results").rename(folders / "moved")
     (folders / "nnUNet_results").mkdir()
-    assert same(elsewhere.recorded(run, 1)["validation"], record["validation"])
-    assert same(elsewhere.recorded(run, 1, test_mirroring=False)["test"], test)
-    assert elsewhere.recorded(run, 1, test_mirroring=True) is None
-    elsewhere.test_cases = {"t1": None, "t2": None}
-    assert elsewhere.recorded(run, 1, test_mirroring=False) is None
+    recorded = elsewhere.recorded(run, 1)
+    assert same(recorded["validation"], record["validation"])
+    # its test scores stand only for the same test cases, predicted with the same mirroring
+    assert same(recorded_test_summary(recorded, False, ["t1"]), test["summary"])
+    assert recorded_test_summary(recorded, True, ["t1"]) is None
+    assert recorded_test_summary(recorded, False, ["t1", "t2"]) is None
+    assert recorded_test_summary({**recorded, "test": None}, False, ["t1"]) is None
     assert sorted(elsewhere.pooled(record["validation"])) == ["a", "b"]
     # another seed, other options, --retrain: no record stands for them
     assert elsewhere.recorded(run, 0) is None
