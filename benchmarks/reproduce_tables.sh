@@ -26,7 +26,14 @@ out="$nnUNet_results/reproduce_tables"
 cpu_2d=(-p nnUNetPlansCPU --budget 20x50 --device cpu --records "$records")
 
 raw_exists() { compgen -G "$nnUNet_raw/Dataset$(printf %03d "$1")_*" > /dev/null; }
-plans_exist() { compgen -G "$nnUNet_preprocessed/Dataset$(printf %03d "$1")_*/$2_$3" > /dev/null; }
+plans_exist() {  # ID PLANS CONFIGURATION: preprocessed to the end (nnU-Net writes in place: count the cases)
+  local folder expected
+  folder="$(compgen -G "$nnUNet_preprocessed/Dataset$(printf %03d "$1")_*")" || return 1
+  expected="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["numTraining"])' \
+    "$folder/dataset.json" 2> /dev/null)" || return 1
+  [ "$(find "$folder/$2_$3" -name '*.pkl' 2> /dev/null | wc -l)" -eq "$expected" ] &&
+    [ "$(find "$folder/gt_segmentations" -type f 2> /dev/null | wc -l)" -eq "$expected" ]
+}
 
 acdc_scribbles() {  # 27 hand-drawn scribbles, 127 its dense twin; CPU plans made on the dense twin
   raw_exists 27 || nnunet-weak convert acdc --h5 "$acdc/volumes" --spacing "$acdc/spacing.csv" \
