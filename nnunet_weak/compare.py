@@ -23,7 +23,9 @@ With ``--seeds N`` every run is trained N times (``NNUNET_WEAK_SEED`` 0 … N-1,
 are never mixed up. Every sparse
 row is compared with the partial-loss baseline case by case (per-case scores averaged over seeds):
 the mean difference, its bootstrap 95 % interval and the Wilcoxon signed-rank p-value
-(``nnunet_weak.statistics``), on the validation cases and on the test cases.
+(``nnunet_weak.statistics``), on the validation cases and on the test cases. With ``--records DIR`` each
+run's per-case scores are kept in ``DIR`` and a run not held here is scored from its record
+(``nnunet_weak.score_records``).
 """
 from __future__ import annotations
 
@@ -510,7 +512,6 @@ class Comparison(FoldTraining):
             for name, draw in figures.items():
                 save_figure_atomic(draw(), self.output / name)
         print(f"Wrote {', '.join(figures)}")
-
 
     def predictions_to_show(self, run: Run) -> Path | None:
         """The test predictions of a run's first seed that has them here (``None``: every seed came from a score
