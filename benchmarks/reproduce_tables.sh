@@ -54,15 +54,17 @@ acdc_twin() {  # ID DENSE_ID CONVERT_ARGS...: an ACDC variant on the CPU plans a
 }
 
 la_semi() {  # 37: LA, 12 training volumes (4 labelled), 4 test volumes, 2.5 mm plans
-  raw_exists 37 && return
-  local lists
-  lists="$(mktemp -d)"
-  head -12 "$data/la/available.list" > "$lists/train.list"
-  tail -4 "$data/la/available.list" > "$lists/test.list"
-  nnunet-weak convert la --h5 "$data/la" --spacing 0.625 0.625 0.625 --train_list "$lists/train.list" \
-    --test_list "$lists/test.list" --labelled_count 4
-  nnunet-weak plan_and_preprocess -d 37 -c 3d_fullres -overwrite_target_spacing 2.5 2.5 2.5 \
-    -overwrite_plans_name nnUNetPlans2.5mm
+  if ! raw_exists 37; then
+    local lists
+    lists="$(mktemp -d)"
+    head -12 "$data/la/available.list" > "$lists/train.list"
+    tail -4 "$data/la/available.list" > "$lists/test.list"
+    nnunet-weak convert la --h5 "$data/la" --spacing 0.625 0.625 0.625 --train_list "$lists/train.list" \
+      --test_list "$lists/test.list" --labelled_count 4
+    rm -r "$lists"
+  fi
+  plans_exist 37 nnUNetPlans2.5mm 3d_fullres || nnunet-weak plan_and_preprocess -d 37 -c 3d_fullres \
+    -overwrite_target_spacing 2.5 2.5 2.5 -overwrite_plans_name nnUNetPlans2.5mm
 }
 
 datasets() {

@@ -318,10 +318,6 @@ class FoldTraining:
         """The validation cases of all folds in one ``{case: scores}``."""
         return {case: scores for cases in per_fold.values() for case, scores in cases.items()}
 
-    def validation_scores(self, run: Run, seed: int | None) -> dict[str, dict]:
-        """Per validation case (pooled over the folds), its scores on dense labels from ``summary_dense.json``."""
-        return self.pooled(self.fold_validation_scores(run, seed))
-
     # ---- score records (nnunet_weak.score_records) -------------------------------------------------
 
     def identity(self, run: Run, seed: int | None) -> dict:
@@ -343,11 +339,17 @@ class FoldTraining:
             return None
         return self.records.read(self.record_name(run, seed), self.identity(run, seed))
 
-    def write_record(self, run: Run, seed: int | None, test: dict | None = None) -> None:
-        """Record a scored run (nothing without ``--records``); ``test``: ``{"mirroring": ..., "summary": ...}``."""
+    def validation_from_record(self, run: Run, seed: int | None, record: dict) -> dict[str, dict]:
+        """A record's validation scores, pooled over the folds, saying where they come from."""
+        print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
+        return self.pooled(record["validation"])
+
+    def write_record(self, run: Run, seed: int | None, per_fold: dict[str, dict[str, dict]],
+                     test: dict | None = None) -> None:
+        """Record a scored run (nothing without ``--records``): ``per_fold`` from ``fold_validation_scores``,
+        ``test`` ``{"mirroring": ..., "summary": ...}``."""
         if self.records is not None:
-            self.records.write(self.record_name(run, seed), self.identity(run, seed),
-                               self.fold_validation_scores(run, seed), test)
+            self.records.write(self.record_name(run, seed), self.identity(run, seed), per_fold, test)
 
 
 class Comparison(FoldTraining):
@@ -429,13 +431,13 @@ class Comparison(FoldTraining):
                 record = self.recorded(run, seed)
                 recorded_test = recorded_test_summary(record, not self.disable_tta, self.test_cases)
                 if recorded_test is not None:
-                    print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
-                    validation[seed], test[seed] = self.pooled(record["validation"]), recorded_test
+                    validation[seed], test[seed] = self.validation_from_record(run, seed, record), recorded_test
                     continue
                 retrained = any([self.train(run, fold, seed) for fold in self.folds])
                 test[seed] = self.score(run, self.predict(run, retrained, seed), seed)
-                validation[seed] = self.validation_scores(run, seed)
-                self.write_record(run, seed, {"mirroring": not self.disable_tta, "summary": test[seed]})
+                per_fold = self.fold_validation_scores(run, seed)
+                validation[seed] = self.pooled(per_fold)
+                self.write_record(run, seed, per_fold, {"mirroring": not self.disable_tta, "summary": test[seed]})
             results.append(RunScores(run, validation, test))
             row = results[-1].row(self.sparse.class_labels)
             print(f"{run.method}: mean Dice {row['Dice mean']:.4f} (test), {row['validation Dice mean']:.4f} "

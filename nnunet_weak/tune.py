@@ -87,13 +87,13 @@ class Tuning(FoldTraining):
             for seed in self.seeds:
                 record = self.recorded(run, seed)
                 if record is not None:
-                    print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
-                    validation[seed] = self.pooled(record["validation"])
+                    validation[seed] = self.validation_from_record(run, seed, record)
                     continue
                 for fold in self.folds:
                     self.train(run, fold, seed)
-                validation[seed] = self.validation_scores(run, seed)
-                self.write_record(run, seed)
+                per_fold = self.fold_validation_scores(run, seed)
+                validation[seed] = self.pooled(per_fold)
+                self.write_record(run, seed, per_fold)
             results.append(RunScores(run, validation, test={}))
             row = self.row(results[-1])
             print(f"{run.method}: validation mean Dice {row['Dice mean']:.4f} ({time.time() - started:.0f} s)")

@@ -55,8 +55,10 @@ def test_a_record_is_read_back_only_for_its_own_run(folders):
     validation = {"a": scores(0.8), "b": scores(0.6)}
     finish_here(fold_training, run, 1, validation)
     test = {"mirroring": False, "summary": {"metric_per_case": [{"case": "t1", "metrics": scores(0.7)}]}}
-    fold_training.write_record(run, 1, {"mirroring": False, "summary": {"metric_per_case": [
-        {"case": "t1", "prediction": "/here/t1.nii.gz", "reference": "/here/labelsTs/t1.nii.gz", "metrics": scores(0.7)}]}})
+    scored_here = {"case": "t1", "prediction": "/here/t1.nii.gz", "reference": "/here/labelsTs/t1.nii.gz",
+                   "metrics": scores(0.7)}
+    fold_training.write_record(run, 1, fold_training.fold_validation_scores(run, 1),
+                               {"mirroring": False, "summary": {"metric_per_case": [scored_here]}})
     name = record_name(run.key, "nnUNetPlans", "2d", ["0"], "smoke", 1)
     record = json.loads((folders / "records" / name).read_text(encoding="utf-8"))
     assert record["identity"]["options"] == trainer_defaults(TRAINER) and record["identity"]["seed"] == 1
