@@ -83,8 +83,8 @@ scribble_ablations() {  # issue 14: the scribble trainer, its ablations and the 
   # the method's claim against the partial loss first: it is the one a user acts on
   nnunet-weak compare --sparse 27 --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 \
     --trainers nnUNetWeakTrainer ScribbleAttentionTrainer -o "$out/scribble_20x50"
-  # then the ablations, the least settled first (its one-seed drop was 4x the seeds' sd; _noCRF's was 10x);
-  # the runs above are reused, not trained again
+  # then the ablations, the least settled first (_noCRF's one-seed drop was 6-7x the seeds' sd); the runs
+  # above are reused, not trained again
   local trainers=(ScribbleAttentionTrainer ScribbleAttentionTrainer_noAttentionBlock
                   ScribbleAttentionTrainer_noAttentiveLoss ScribbleAttentionTrainer_noCRF nnUNetWeakTrainer)
   nnunet-weak compare --sparse 27 --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 --trainers "${trainers[@]}" \
