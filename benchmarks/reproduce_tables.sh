@@ -11,8 +11,8 @@
 # Every compare/tune call keeps each run's per-case scores in benchmarks/records (--records): a run
 # recorded there is scored from its record, not trained again, so the steps can be spread over several
 # machines or sessions (commit the records), and re-running a finished step rebuilds its tables in
-# seconds. Training times are for 2 CPU cores: a 2D ACDC run at 20x50 takes about 25 min, a 3D one at
-# 10x25 about an hour.
+# seconds. Training times are for 2 CPU cores and vary by machine: a 2D ACDC run at 20x50 took 25-55 min
+# (scribble trainer; CAML about twice that), a 3D one at 10x25 about an hour or more.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
