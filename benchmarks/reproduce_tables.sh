@@ -83,8 +83,7 @@ scribble_ablations() {  # issue 14: the scribble trainer, its ablations and the 
   # the method's claim against the partial loss first: it is the one a user acts on
   nnunet-weak compare --sparse 27 --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 \
     --trainers nnUNetWeakTrainer ScribbleAttentionTrainer -o "$out/scribble_20x50"
-  # then the ablations, the least settled first (_noCRF's one-seed drop was 6-7x the seeds' sd); the runs
-  # above are reused, not trained again
+  # then the ablations; the runs above are reused, not trained again
   local trainers=(ScribbleAttentionTrainer ScribbleAttentionTrainer_noAttentionBlock
                   ScribbleAttentionTrainer_noAttentiveLoss ScribbleAttentionTrainer_noCRF nnUNetWeakTrainer)
   nnunet-weak compare --sparse 27 --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 --trainers "${trainers[@]}" \
@@ -94,7 +93,7 @@ scribble_ablations() {  # issue 14: the scribble trainer, its ablations and the 
 caml_defaults() {  # issue 14: CAML's supervised_weight x labelled_per_batch on validation, 3 seeds
   acdc_twin 227 228 --supervision semi --labelled_count 14
   # seed 0 of every combination first (tune trains run by run, seeds inner): a hint over the whole grid
-  # after 4 runs of about 45 min instead of after 12; the second call reuses them and adds seeds 1-2
+  # after 4 CAML runs instead of 12; the second call reuses them and adds seeds 1-2
   for seeds in 1 3; do
     nnunet-weak tune -d 227 -tr CAMLTrainer --grid supervised_weight=1 labelled_per_batch=6 "${cpu_2d[@]}" \
       --seeds $seeds -o "$out/caml_defaults_seeds$seeds"
