@@ -90,14 +90,18 @@ scribble_ablations() {  # issue 14: the scribble trainer, its ablations and the 
     --baseline ScribbleAttentionTrainer -o "$out/scribble_ablations"
 }
 
-caml_defaults() {  # issue 14: CAML's supervised_weight x labelled_per_batch on validation, 3 seeds
+caml_defaults() {  # issue 14: CAML's supervised_weight and labelled_per_batch chosen on validation
   acdc_twin 227 228 --supervision semi --labelled_count 14
-  # seed 0 of every combination first (tune trains run by run, seeds inner): a hint over the whole grid
-  # after 4 CAML runs instead of 12; the second call reuses them and adds seeds 1-2
-  for seeds in 1 3; do
-    nnunet-weak tune -d 227 -tr CAMLTrainer --grid supervised_weight=1 labelled_per_batch=6 "${cpu_2d[@]}" \
-      --seeds $seeds -o "$out/caml_defaults_seeds$seeds"
+  # Seed 0 of the 2x2 grid came first (2026-12-01): supervised_weight=1 was far ahead (validation Dice
+  # 0.634 against 0.414) and labelled_per_batch=6 within noise (0.424). A seed-0 winner is picked by the
+  # same noise it is scored on, so the choice rests on the 3-seed comparison with the defaults; seeds
+  # outer (one call per seed count), so that a stopped step still leaves a paired comparison.
+  for seeds in 2 3; do
+    nnunet-weak tune -d 227 -tr CAMLTrainer --grid supervised_weight=1 "${cpu_2d[@]}" --seeds $seeds \
+      -o "$out/caml_supervised_weight_seeds$seeds"
   done
+  nnunet-weak tune -d 227 -tr CAMLTrainer --grid supervised_weight=1 labelled_per_batch=6 "${cpu_2d[@]}" \
+    --seeds 1 -o "$out/caml_defaults_grid"
   nnunet-weak compare --sparse 227 --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 \
     --trainers nnUNetWeakTrainer CAMLTrainer -o "$out/caml_acdc"
 }
