@@ -95,8 +95,8 @@ caml_defaults() {  # issue 14: CAML's supervised_weight and labelled_per_batch c
   # Seed 0 of the 2x2 grid came first (2026-12-01): supervised_weight=1 was far ahead (validation Dice
   # 0.634 against 0.414) and labelled_per_batch=6 within noise (0.424); the defaults' seed 1 then reached
   # 0.611. A seed-0 winner is picked by the noise it is scored on, so the choice rests on the 3-seed
-  # comparison with the defaults; seeds
-  # outer (one call per seed count), so that a stopped step still leaves a paired comparison.
+  # comparison with the defaults; seeds outer (one call per seed count), so that a stopped step still
+  # leaves a paired comparison.
   for seeds in 2 3; do
     nnunet-weak tune -d 227 -tr CAMLTrainer --grid supervised_weight=1 "${cpu_2d[@]}" --seeds $seeds \
       -o "$out/caml_supervised_weight_seeds$seeds"
