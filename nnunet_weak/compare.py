@@ -38,7 +38,6 @@ import re
 import shutil
 import subprocess
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -422,26 +421,40 @@ class Comparison(FoldTraining):
                                   "budget": self.budget.to_json(), "configuration": self.configuration,
                                   "folds": self.folds, "seed": seed})
 
+    def needs_training(self, run: Run, seed: int | None) -> bool:
+        """False when the seed is scored from its record or every fold (and its pre-training) finished here."""
+        if recorded_test_summary(self.recorded(run, seed), not self.disable_tta, self.test_cases) is not None:
+            return False
+        trained = [run, run.pretraining_run()] if run.pretraining else [run]
+        return self.retrain or not all((self.fold_folder(r, fold, seed) / "checkpoint_final.pth").is_file()
+                                       for r in trained for fold in self.folds)
+
+    def score_seed(self, run: Run, seed: int | None) -> tuple[dict, dict]:
+        """One seed of one row, from its record or trained (or reused) and scored; ``(validation, test)``."""
+        record = self.recorded(run, seed)
+        recorded_test = recorded_test_summary(record, not self.disable_tta, self.test_cases)
+        if recorded_test is not None:
+            return self.validation_from_record(run, seed, record), recorded_test
+        retrained = any([self.train(run, fold, seed) for fold in self.folds])
+        test = self.score(run, self.predict(run, retrained, seed), seed)
+        per_fold = self.fold_validation_scores(run, seed)
+        self.write_record(run, seed, per_fold, {"mirroring": not self.disable_tta, "summary": test})
+        return self.pooled(per_fold), test
+
     def run(self) -> list[dict]:
+        # what needs no training comes first, so that a call stopped during a long training has scored and
+        # recorded every run this machine already holds (a session's machine is not the next one's)
+        pairs = sorted(((index, seed) for index in range(len(self.runs)) for seed in self.seeds),
+                       key=lambda pair: self.needs_training(self.runs[pair[0]], pair[1]))
+        scored = {pair: self.score_seed(self.runs[pair[0]], pair[1]) for pair in pairs}
         results = []
-        for run in self.runs:
-            started = time.time()
-            test, validation = {}, {}
-            for seed in self.seeds:
-                record = self.recorded(run, seed)
-                recorded_test = recorded_test_summary(record, not self.disable_tta, self.test_cases)
-                if recorded_test is not None:
-                    validation[seed], test[seed] = self.validation_from_record(run, seed, record), recorded_test
-                    continue
-                retrained = any([self.train(run, fold, seed) for fold in self.folds])
-                test[seed] = self.score(run, self.predict(run, retrained, seed), seed)
-                per_fold = self.fold_validation_scores(run, seed)
-                validation[seed] = self.pooled(per_fold)
-                self.write_record(run, seed, per_fold, {"mirroring": not self.disable_tta, "summary": test[seed]})
+        for index, run in enumerate(self.runs):
+            validation = {seed: scored[index, seed][0] for seed in self.seeds}
+            test = {seed: scored[index, seed][1] for seed in self.seeds}
             results.append(RunScores(run, validation, test))
             row = results[-1].row(self.sparse.class_labels)
             print(f"{run.method}: mean Dice {row['Dice mean']:.4f} (test), {row['validation Dice mean']:.4f} "
-                  f"(validation) ({time.time() - started:.0f} s)")
+                  f"(validation)")
         rows = [r.row(self.sparse.class_labels) for r in results]
         paired = paired_against_baseline(results, self.sparse.class_labels, self.sparse.name, self.baseline)
         self.write_outputs(rows, held_out_pairs(paired, self.validation_is_held_out))

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nnunet_weak.compare import DENSE_SUMMARY, FoldTraining, Run, trainer_defaults
+from nnunet_weak.compare import DENSE_SUMMARY, Comparison, FoldTraining, Run, trainer_defaults
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.score_records import ScoreRecords, record_name, recorded_test_summary
 
@@ -118,3 +118,44 @@ def test_validation_only_rewrite_keeps_test_scores_of_the_same_model_only(folder
     # a retrained model: the old test scores are not its own
     records.write("r.json", identity, {"0": {"a": scores(0.5)}}, None)
     assert records.read("r.json", identity)["test"] is None
+
+
+def test_compare_scores_what_needs_no_training_first(folders, monkeypatch):
+    """A compare call stopped during a long training has already scored (and recorded) every seed that this
+    machine holds finished or a record holds, whatever the order of --trainers and seeds."""
+    raw = folders / "raw" / DATASET
+    for sub in ("imagesTs", "labelsTs"):
+        (raw / sub).mkdir(parents=True)
+    (raw / "imagesTs" / "t1_0000.nii.gz").write_bytes(b"")
+    (raw / "labelsTs" / "t1.nii.gz").write_bytes(b"")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "RV": 1},
+                                                  "file_ending": ".nii.gz", "numTraining": 0}), encoding="utf-8")
+    comparison = Comparison(None, raw, ["nnUNetWeakTrainer", TRAINER], "smoke", seeds=2, disable_tta=True,
+                            records=folders / "records", output=folders / "out")
+    baseline, method = comparison.runs
+    # the method's seed 1 finished on this machine; the baseline's seed 0 is recorded with its test scores
+    finish_here(comparison, method, 1, {"a": scores(0.8), "b": scores(0.6)})
+    test = {"mirroring": False, "summary": {"metric_per_case": [{"case": "t1", "metrics": scores(0.7)}]}}
+    comparison.write_record(baseline, 0, {"0": {"a": scores(0.5), "b": scores(0.4)}}, test)
+    # a record without test scores (what tune writes) or with mirrored ones does not spare the training
+    comparison.write_record(method, 0, {"0": {"a": scores(0.5), "b": scores(0.4)}})
+    assert [comparison.needs_training(run, seed) for run in (baseline, method) for seed in (0, 1)] == \
+        [False, True, True, False]
+    comparison.disable_tta = False
+    assert comparison.needs_training(baseline, 0) and not comparison.needs_training(method, 1)
+    comparison.disable_tta, comparison.retrain = True, True
+    assert all(comparison.needs_training(run, seed) for run in (baseline, method) for seed in (0, 1))
+    comparison.retrain = False
+
+    scored = []
+
+    def stop_at_first_training(run, seed):
+        if comparison.needs_training(run, seed):
+            raise KeyboardInterrupt
+        scored.append((run.trainer, seed))
+        return {}, {}
+
+    monkeypatch.setattr(comparison, "score_seed", stop_at_first_training)
+    with pytest.raises(KeyboardInterrupt):
+        comparison.run()
+    assert scored == [("nnUNetWeakTrainer", 0), (TRAINER, 1)]
