@@ -326,6 +326,24 @@ class FoldTraining:
                 "plans": self.plans, "configuration": self.configuration, "folds": self.folds,
                 "budget": self.budget.to_json(), "seed": seed}
 
+    def has_usable_record(self, run: Run, seed: int | None) -> bool:
+        """True when ``recorded`` holds the seed's scores, so that it needs no training."""
+        return self.recorded(run, seed) is not None
+
+    def needs_training(self, run: Run, seed: int | None) -> bool:
+        """False when the seed has a usable record or every fold (and its pre-training) finished here."""
+        if self.has_usable_record(run, seed):
+            return False
+        trained = [run, run.pretraining_run()] if run.pretraining else [run]
+        return self.retrain or not all((self.fold_folder(r, fold, seed) / "checkpoint_final.pth").is_file()
+                                       for r in trained for fold in self.folds)
+
+    def scoring_order(self) -> list[tuple[int, int | None]]:
+        """Every (index in ``self.runs``, seed), those that need no training first: a call stopped during a long
+        training has then scored and recorded all this machine held (a session's machine is not the next one's)."""
+        pairs = [(index, seed) for index in range(len(self.runs)) for seed in self.seeds]
+        return sorted(pairs, key=lambda pair: self.needs_training(self.runs[pair[0]], pair[1]))
+
     def record_name(self, run: Run, seed: int | None) -> str:
         return record_name(run.key, self.plans, self.configuration, self.folds, self.budget.name, seed)
 
@@ -421,13 +439,9 @@ class Comparison(FoldTraining):
                                   "budget": self.budget.to_json(), "configuration": self.configuration,
                                   "folds": self.folds, "seed": seed})
 
-    def needs_training(self, run: Run, seed: int | None) -> bool:
-        """False when the seed is scored from its record or every fold (and its pre-training) finished here."""
-        if recorded_test_summary(self.recorded(run, seed), not self.disable_tta, self.test_cases) is not None:
-            return False
-        trained = [run, run.pretraining_run()] if run.pretraining else [run]
-        return self.retrain or not all((self.fold_folder(r, fold, seed) / "checkpoint_final.pth").is_file()
-                                       for r in trained for fold in self.folds)
+    def has_usable_record(self, run: Run, seed: int | None) -> bool:
+        """True when ``recorded`` holds everything ``run()`` reports for the seed, so that it needs no training."""
+        return recorded_test_summary(self.recorded(run, seed), not self.disable_tta, self.test_cases) is not None
 
     def score_seed(self, run: Run, seed: int | None) -> tuple[dict, dict]:
         """One seed of one row, from its record or trained (or reused) and scored; ``(validation, test)``."""
@@ -442,11 +456,7 @@ class Comparison(FoldTraining):
         return self.pooled(per_fold), test
 
     def run(self) -> list[dict]:
-        # what needs no training comes first, so that a call stopped during a long training has scored and
-        # recorded every run this machine already holds (a session's machine is not the next one's)
-        pairs = sorted(((index, seed) for index in range(len(self.runs)) for seed in self.seeds),
-                       key=lambda pair: self.needs_training(self.runs[pair[0]], pair[1]))
-        scored = {pair: self.score_seed(self.runs[pair[0]], pair[1]) for pair in pairs}
+        scored = {pair: self.score_seed(self.runs[pair[0]], pair[1]) for pair in self.scoring_order()}
         results = []
         for index, run in enumerate(self.runs):
             validation = {seed: scored[index, seed][0] for seed in self.seeds}

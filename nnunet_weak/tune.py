@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -80,23 +79,22 @@ class Tuning(FoldTraining):
 
     def run(self) -> tuple[list[dict], list[dict]]:
         """Train and score every combination; return the table rows and the paired differences."""
-        results = []
-        for run in self.runs:
-            started = time.time()
-            validation = {}
-            for seed in self.seeds:
-                record = self.recorded(run, seed)
-                if record is not None:
-                    validation[seed] = self.validation_from_record(run, seed, record)
-                    continue
-                for fold in self.folds:
-                    self.train(run, fold, seed)
-                per_fold = self.fold_validation_scores(run, seed)
-                validation[seed] = self.pooled(per_fold)
-                self.write_record(run, seed, per_fold)
-            results.append(RunScores(run, validation, test={}))
-            row = self.row(results[-1])
-            print(f"{run.method}: validation mean Dice {row['Dice mean']:.4f} ({time.time() - started:.0f} s)")
+        validation = {}
+        for index, seed in self.scoring_order():
+            run = self.runs[index]
+            record = self.recorded(run, seed)
+            if record is not None:
+                validation[index, seed] = self.validation_from_record(run, seed, record)
+                continue
+            for fold in self.folds:
+                self.train(run, fold, seed)
+            per_fold = self.fold_validation_scores(run, seed)
+            validation[index, seed] = self.pooled(per_fold)
+            self.write_record(run, seed, per_fold)
+        results = [RunScores(run, {seed: validation[index, seed] for seed in self.seeds}, test={})
+                   for index, run in enumerate(self.runs)]
+        for result in results:
+            print(f"{result.run.method}: validation mean Dice {self.row(result)['Dice mean']:.4f}")
         rows = [self.row(r) for r in results]
         defaults = next(r for r in results if r.run.method == DEFAULTS_LABEL)
         paired = paired_against(defaults, [r for r in results if r is not defaults], self.dataset.class_labels,

@@ -7,6 +7,7 @@ import pytest
 from nnunet_weak.compare import DENSE_SUMMARY, Comparison, FoldTraining, Run, trainer_defaults
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.score_records import ScoreRecords, record_name, recorded_test_summary
+from nnunet_weak.tune import Tuning
 
 TRAINER = "ScribbleAttentionTrainer"
 DATASET = "Dataset001_X"
@@ -120,9 +121,10 @@ def test_validation_only_rewrite_keeps_test_scores_of_the_same_model_only(folder
     assert records.read("r.json", identity)["test"] is None
 
 
-def test_compare_scores_what_needs_no_training_first(folders, monkeypatch):
-    """A compare call stopped during a long training has already scored (and recorded) every seed that this
-    machine holds finished or a record holds, whatever the order of --trainers and seeds."""
+def test_a_stopped_call_has_scored_what_needed_no_training(folders, monkeypatch):
+    """compare and tune score (and record) every seed that this machine holds finished or a record holds before
+    they train anything, whatever the order of rows and seeds: a call stopped during a long training has lost
+    nothing that the machine held (a session's machine is not the next one's)."""
     raw = folders / "raw" / DATASET
     for sub in ("imagesTs", "labelsTs"):
         (raw / sub).mkdir(parents=True)
@@ -137,7 +139,7 @@ def test_compare_scores_what_needs_no_training_first(folders, monkeypatch):
     finish_here(comparison, method, 1, {"a": scores(0.8), "b": scores(0.6)})
     test = {"mirroring": False, "summary": {"metric_per_case": [{"case": "t1", "metrics": scores(0.7)}]}}
     comparison.write_record(baseline, 0, {"0": {"a": scores(0.5), "b": scores(0.4)}}, test)
-    # a record without test scores (what tune writes) or with mirrored ones does not spare the training
+    # a record without test scores (what tune writes) or with mirrored ones does not spare compare a training
     comparison.write_record(method, 0, {"0": {"a": scores(0.5), "b": scores(0.4)}})
     assert [comparison.needs_training(run, seed) for run in (baseline, method) for seed in (0, 1)] == \
         [False, True, True, False]
@@ -147,15 +149,39 @@ def test_compare_scores_what_needs_no_training_first(folders, monkeypatch):
     assert all(comparison.needs_training(run, seed) for run in (baseline, method) for seed in (0, 1))
     comparison.retrain = False
 
+    def stop_at_first_training(scored, training):
+        def score_seed(run, seed):
+            if training.needs_training(run, seed):
+                raise KeyboardInterrupt
+            scored.append((run.key, seed))
+            return {}, {}
+        return score_seed
+
     scored = []
-
-    def stop_at_first_training(run, seed):
-        if comparison.needs_training(run, seed):
-            raise KeyboardInterrupt
-        scored.append((run.trainer, seed))
-        return {}, {}
-
-    monkeypatch.setattr(comparison, "score_seed", stop_at_first_training)
+    monkeypatch.setattr(comparison, "score_seed", stop_at_first_training(scored, comparison))
     with pytest.raises(KeyboardInterrupt):
         comparison.run()
-    assert scored == [("nnUNetWeakTrainer", 0), (TRAINER, 1)]
+    assert scored == [(baseline.key, 0), (method.key, 1)]
+
+    # tune: its defaults are the method above (seed 0 recorded, seed 1 finished here), crf_rampup=0's seed 0 is
+    # recorded; validation is all tune reads from a record, so a record without test scores serves it
+    tuning = Tuning(raw, TRAINER, ["crf_rampup=0"], "smoke", seeds=2, records=folders / "records",
+                    output=folders / "tune")
+    tuned = next(run for run in tuning.runs if run.options == "crf_rampup=0")
+    defaults = next(run for run in tuning.runs if run is not tuned)
+    tuning.write_record(tuned, 0, {"0": {"a": scores(0.5), "b": scores(0.4)}})
+    order = [(tuning.runs[index].key, seed) for index, seed in tuning.scoring_order()]
+    assert sorted(order[:3]) == sorted([(defaults.key, 0), (defaults.key, 1), (tuned.key, 0)])
+    assert order[3] == (tuned.key, 1)
+
+    def train(run, fold, seed):
+        if tuning.needs_training(run, seed):
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(tuning, "train", train)
+    finished_record = folders / "records" / record_name(defaults.key, "nnUNetPlans", "2d", ["0"], "smoke", 1)
+    assert not finished_record.exists()
+    with pytest.raises(KeyboardInterrupt):
+        tuning.run()
+    assert finished_record.is_file()
