@@ -31,13 +31,17 @@ def test_sigmoid_rampup_rises_monotonically_to_one_and_refuses_negative_input():
 
 
 @pytest.mark.parametrize("batch_size, labelled_per_batch, expected", [(2, 0, (1, 1)), (5, 0, (3, 2)), (4, 0, (2, 2)),
-                                                                       (4, 1, (1, 3)), (4, 3, (3, 1))])
+                                                                       (4, 1, (1, 3)), (4, 3, (3, 1)),
+                                                                       (8, 0.75, (6, 2)), (5, 0.5, (3, 2)),
+                                                                       (2, 0.75, (1, 1)), (8, 0.01, (1, 7)),
+                                                                       (4, 1.0, (1, 3))])
 def test_split_batch(batch_size, labelled_per_batch, expected):
     assert split_batch(batch_size, labelled_per_batch) == expected
 
 
 @pytest.mark.parametrize("batch_size, labelled_per_batch, message", [(1, 0, "at least 2"), (4, 4, "between 1 and 3"),
-                                                                     (4, 1.5, "whole number")])
+                                                                     (4, 1.5, "whole number"),
+                                                                     (4, -0.5, "whole number")])
 def test_split_batch_refuses_a_batch_without_both_kinds(batch_size, labelled_per_batch, message):
     with pytest.raises(UserInputError, match=message):
         split_batch(batch_size, labelled_per_batch)

@@ -32,17 +32,21 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunet_weak.errors import UserInputError
 
 
-def split_batch(batch_size: int, first_per_batch: int = 0,
+def split_batch(batch_size: int, first_per_batch: float = 0,
                 streams: tuple[str, str] = ("labelled", "unlabelled")) -> tuple[int, int]:
     """How many samples of each stream a batch of ``batch_size`` holds.
 
     Args:
         batch_size: samples per batch on one rank (nnU-Net's planned batch size, divided over ranks).
-        first_per_batch: samples of the first stream per batch; ``0`` means half the batch, rounded up.
+        first_per_batch: samples of the first stream per batch. ``0`` means half the batch, rounded up; a
+            value strictly between 0 and 1 is a share of the batch, ``ceil(share · batch_size)`` kept
+            between 1 and ``batch_size - 1`` (a share fits every planned batch size, where a count fits
+            one); a whole number from 1 is a count.
         streams: the names of the two streams, for the messages.
 
     Raises:
-        UserInputError: if the batch cannot hold at least one sample of each kind.
+        UserInputError: if the batch cannot hold at least one sample of each kind, or a count is not a
+            whole number.
     """
     first, second = streams
     if batch_size < 2:
@@ -50,13 +54,19 @@ def split_batch(batch_size: int, first_per_batch: int = 0,
             f"A batch of two streams needs at least one {first} and one {second} sample, but the batch size per "
             f"GPU is {batch_size}. Use plans with a batch size of at least 2 per GPU (edit 'batch_size' in the "
             f"plans' configuration, or train on fewer GPUs).")
-    if first_per_batch != int(first_per_batch):
-        raise UserInputError(f"{first}_per_batch must be a whole number, got {first_per_batch}.")
-    count = math.ceil(batch_size / 2) if first_per_batch == 0 else int(first_per_batch)
+    if first_per_batch < 0 or (first_per_batch > 1 and first_per_batch != int(first_per_batch)):
+        raise UserInputError(f"{first}_per_batch must be 0 (half the batch), a share of the batch between 0 and 1, "
+                             f"or a whole number of samples, got {first_per_batch}.")
+    if first_per_batch == 0:
+        count = math.ceil(batch_size / 2)
+    elif first_per_batch < 1:
+        count = min(max(math.ceil(first_per_batch * batch_size), 1), batch_size - 1)
+    else:
+        count = int(first_per_batch)
     if not 1 <= count <= batch_size - 1:
         raise UserInputError(
             f"{first}_per_batch={count} leaves no room for both kinds in a batch of {batch_size} per GPU: "
-            f"choose between 1 and {batch_size - 1} (0 = half the batch).")
+            f"choose between 1 and {batch_size - 1} samples, or a share of the batch between 0 and 1 (0 = half).")
     return count, batch_size - count
 
 
