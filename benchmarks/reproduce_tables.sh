@@ -105,7 +105,8 @@ caml_defaults() {  # issue 14: CAML's supervised_weight and labelled_per_batch c
     --seeds 1 -o "$out/caml_defaults_grid"
   # labelled_per_batch=6 led that grid's seed 0 under the new weight (0.636 against 0.602, 2026-12-03), by
   # less than one seed's rerun spread; over 3 seeds it kept the lead (0.612 against 0.594, paired +0.018,
-  # p = 6.5e-4), so the default becomes three quarters of the batch (documentation/CAMLTrainer.md)
+  # p = 6.5e-4): validation chose three quarters of the batch, the default once the CAML tables are
+  # retrained at it (documentation/CAMLTrainer.md)
   nnunet-weak tune -d 227 -tr CAMLTrainer --grid labelled_per_batch=6 "${cpu_2d[@]}" --seeds 3 \
     -o "$out/caml_labelled_per_batch_seeds3"
   nnunet-weak compare --sparse 227 --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 \

@@ -23,7 +23,8 @@ channel's deep-supervision targets follow the sparse-preserving rule
 ``strong`` (nnU-Net's oversampling) and ``weak`` (annotated, so nnU-Net's crops centred on annotated
 voxels); ``compute_training_loss`` receives ``strong``, the ``(B,)`` mask of strong samples, and
 ``weak_target``, the weak maps in the form of ``target`` (a list per deep-supervision scale). Option
-``strong_per_batch`` (a count, a share between 0 and 1, or 0: half the batch, rounded up). Cases marked ``unlabelled`` are left out.
+``strong_per_batch`` (a count, a share between 0 and 1, or 0: half the batch, rounded up; ``split_batch``).
+Cases marked ``unlabelled`` are left out.
 
 The dense label of a weak case (``labelsTr_dense``, for scoring) is never read here: nothing a loss
 receives comes from it.
@@ -109,7 +110,7 @@ class MixedSupervisionTrainer(TwoStreamTrainer):
     second_stream_unannotated = False
     tunable_options = {"strong_per_batch": 0.0}
 
-    def first_stream_per_batch(self) -> int:
+    def first_stream_per_batch(self) -> float:
         return self.strong_per_batch
 
     def training_target_folder(self, first_keys: list[str], second_keys: list[str]) -> str:

@@ -13,8 +13,8 @@ them only), then unlabelled ones; the mask is ``labelled``.
 
 nnU-Net's planned batch size is kept; option ``labelled_per_batch`` (``NNUNET_WEAK_TRAINER_OPTIONS``)
 sets the split: a count of samples, a share of the batch between 0 and 1, or 0 (the default), half the
-batch rounded up (``two_stream.split_batch``). Validation is nnU-Net's; its
-per-epoch pseudo-Dice uses the labelled validation cases.
+batch rounded up (``two_stream.split_batch``). Validation is nnU-Net's; its per-epoch pseudo-Dice uses
+the labelled validation cases.
 """
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ class TwoStreamTrainer(nnUNetWeakTrainer):
                     f"('nnunet-weak convert ... {self.conversion_hint}') and the split (splits_final.json).")
         return streams[0], streams[1]
 
-    def first_stream_per_batch(self) -> int:
-        """Samples of the first stream per batch (0: half the batch, rounded up)."""
+    def first_stream_per_batch(self) -> float:
+        """Samples of the first stream per batch, as ``split_batch`` reads it: a count, a share of the batch
+        between 0 and 1, or 0 (half the batch, rounded up)."""
         raise NotImplementedError
 
     def training_target_folder(self, first_keys: list[str], second_keys: list[str]) -> str | None:
@@ -91,5 +92,5 @@ class SemiSupervisedTrainer(TwoStreamTrainer):
     trains_on_unlabelled_cases = True
     tunable_options = {"labelled_per_batch": 0.0}
 
-    def first_stream_per_batch(self) -> int:
+    def first_stream_per_batch(self) -> float:
         return self.labelled_per_batch
