@@ -29,7 +29,7 @@ def test_batches_mix_labelled_and_unlabelled_cases_and_every_term_acts(workspace
     result = probe(env, "steps", "982", configuration, TRAINER, "2")
     for composition in result["batches"]:
         labelled = composition["labelled"]
-        # nnU-Net's planned batch (3 in 2D, 2 in 3D), half of it labelled, rounded up
+        # nnU-Net's planned batch (3 in 2D, 2 in 3D), three quarters labelled, rounded up, one left unlabelled
         assert labelled == ([True, True, False] if configuration == "2d" else [True, False])
         for key, is_labelled in zip(composition["keys"], labelled):
             assert (key in LABELLED) == is_labelled
