@@ -12,9 +12,9 @@ training keys: ``labelled_per_batch`` labelled samples (nnU-Net's foreground ove
 them only), then unlabelled ones; the mask is ``labelled``.
 
 nnU-Net's planned batch size is kept; option ``labelled_per_batch`` (``NNUNET_WEAK_TRAINER_OPTIONS``)
-sets the split: a count of samples, a share of the batch between 0 and 1, or 0 (the default), half the
-batch rounded up (``two_stream.split_batch``). Validation is nnU-Net's; its per-epoch pseudo-Dice uses
-the labelled validation cases.
+sets the split: a count of samples, a share of the batch between 0 and 1, or 0, half the batch rounded
+up (``two_stream.split_batch``; 0 is the default here, a method may set its own). Validation is
+nnU-Net's; its per-epoch pseudo-Dice uses the labelled validation cases.
 """
 from __future__ import annotations
 
