@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import os
@@ -59,6 +60,8 @@ from nnunet_weak.training.options import OPTIONS_ENV, parse_trainer_options
 from nnunet_weak.training.weak_trainer import DENSE_SUMMARY, RUN_RECORD, SEED_ENV
 
 BASE_TRAINER = "nnUNetWeakTrainer"
+#: in a folder of test predictions: the checkpoints they were predicted with
+PREDICTED_FROM = "nnunet_weak_predicted_from.json"
 
 
 @dataclass(frozen=True)
@@ -412,10 +415,24 @@ class Comparison(FoldTraining):
             name = f"{method} ({options[trainer]})" if options[trainer] else method
             self.runs.append(Run(name, trainer, dataset, options[trainer], pretraining))
 
+    def checkpoints_used(self, run: Run, seed: int | None) -> dict[str, str]:
+        """Per fold, the SHA-256 of the final checkpoint that ``nnUNetv2_predict`` loads."""
+        digests = {}
+        for fold in self.folds:
+            digest = hashlib.sha256()
+            with open(self.fold_folder(run, fold, seed) / "checkpoint_final.pth", "rb") as checkpoint:
+                for block in iter(lambda: checkpoint.read(1 << 20), b""):
+                    digest.update(block)
+            digests[fold] = digest.hexdigest()
+        return digests
+
     def predict(self, run: Run, retrained: bool, seed: int | None = None) -> Path:
-        """Predict the test images with the stock predictor (reused unless the model changed)."""
+        """Predict the test images with the stock predictor; predictions made with the same checkpoints are
+        reused (a run retrained elsewhere, by ``tune`` or after a default changed, is predicted again)."""
         target = self.output / "predictions" / self.seed_key(run, seed)
-        if target.is_dir() and not retrained:
+        checkpoints = self.checkpoints_used(run, seed)
+        marker = target / PREDICTED_FROM
+        if not retrained and marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == checkpoints:
             return target
         images = self.sparse.folder / "imagesTs"
         with staged_directory(target, overwrite=True) as stage:
@@ -426,6 +443,7 @@ class Comparison(FoldTraining):
                 command.append("--disable_tta")
             run_logged(command, self.environment(run, seed), self.output / "logs" / f"{self.seed_key(run, seed)}__predict.log",
                        f"{run.method}: predicting {len(self.test_cases)} test cases")
+            (stage / PREDICTED_FROM).write_text(json.dumps(checkpoints), encoding="utf-8")
         return target
 
     def score(self, run: Run, predictions: Path, seed: int | None = None) -> dict:

@@ -1,11 +1,12 @@
 """Which finished run compare and tune may reuse, where option sets go, and how a grid is read."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from nnunet_weak import compare
-from nnunet_weak.compare import (DENSE_SUMMARY, FoldTraining, Run, format_markdown, held_out_pairs,
+from nnunet_weak.compare import (DENSE_SUMMARY, Comparison, FoldTraining, Run, format_markdown, held_out_pairs,
                                  non_default_options, parse_trainer_chain, trainer_defaults)
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.tune import Tuning, parse_grid
@@ -51,6 +52,35 @@ def test_a_finished_run_is_reused_only_with_its_options(tmp_path, monkeypatch):
     finished_run(training, other, 0, budget=budget, seed=0, options=options)
     with pytest.raises(UserInputError, match="options"):
         training.train(other, "0", 0)
+
+
+def test_test_predictions_are_reused_only_with_the_checkpoint_they_came_from(tmp_path, monkeypatch):
+    """A run retrained outside this comparison (by tune, or at a changed default) is predicted again."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    comparison = Comparison.__new__(Comparison)
+    FoldTraining.__init__(comparison, "smoke", "2d", ["0"], "nnUNetPlans", "cpu", retrain=False, seeds=1)
+    comparison.output, comparison.disable_tta = tmp_path / "out", True
+    comparison.sparse = SimpleNamespace(folder=tmp_path / "raw", name="Dataset001_X")
+    comparison.test_cases = {"case_0": (None, None)}
+    predicted_with = []
+
+    def nnunet_predict(command, *args, **kwargs):
+        checkpoint = training_folder / "checkpoint_final.pth"
+        (Path(command[command.index("-o") + 1]) / "case_0.nii.gz").write_bytes(checkpoint.read_bytes())
+        predicted_with.append(checkpoint.read_bytes())
+
+    monkeypatch.setattr(compare, "run_logged", nnunet_predict)
+    run = Run("m", TRAINER, SimpleNamespace(name="Dataset001_X"))
+    training_folder = finished_run(comparison, run, 0)
+    (training_folder / "checkpoint_final.pth").write_bytes(b"first model")
+    target = comparison.predict(run, retrained=False, seed=0)
+    assert comparison.predict(run, retrained=False, seed=0) == target and predicted_with == [b"first model"]
+    (training_folder / "checkpoint_final.pth").write_bytes(b"retrained elsewhere")
+    assert comparison.predict(run, retrained=False, seed=0) == target
+    assert predicted_with == [b"first model", b"retrained elsewhere"]
+    assert (target / "case_0.nii.gz").read_bytes() == b"retrained elsewhere"
+    comparison.predict(run, retrained=True, seed=0)
+    assert len(predicted_with) == 3
 
 
 def test_non_default_options_are_canonical():
