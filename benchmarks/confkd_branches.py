@@ -1,7 +1,8 @@
 """Both decoders of one finished ConfKD run, scored on the fold's validation cases' dense labels.
 
 A ``ConfKDTrainer`` checkpoint holds the student (the planned decoder, what ``nnUNetv2_predict`` and
-``compare`` score) and the teacher (the second decoder, in ``nnunet_weak_training_weights``). When
+``compare`` score) and the teacher (the second decoder, in ``nnunet_weak_training_weights``; the other way
+round for ``ConfKDTrainer_predictWithTeacher``, which the script reads from the checkpoint). When
 ConfKD loses to a baseline, the first question is whether the teacher learned what the student did not
 (distillation too weak) or the teacher itself is poor (too few dense cases). This script predicts the
 validation cases of the run's fold with nnU-Net's own predictor twice, the second time with the
@@ -23,25 +24,10 @@ from pathlib import Path
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_weak.environment import environment_with_trainers
+from nnunet_weak.environment import environment_with_trainers, find_trainer_class
 from nnunet_weak.evaluation import score_cases
-
-TEACHER_PREFIX = "second_decoder."
-
-
-def teacher_weights(checkpoint: dict) -> dict:
-    """The planned network's state dict with its decoder replaced by the teacher (the second decoder)."""
-    teacher = {k[len(TEACHER_PREFIX):]: v for k, v in checkpoint.get("nnunet_weak_training_weights", {}).items()
-               if k.startswith(TEACHER_PREFIX)}
-    if not teacher:
-        raise SystemExit("The checkpoint holds no second decoder: is this a ConfKDTrainer run?")
-    weights = dict(checkpoint["network_weights"])
-    for key, value in teacher.items():
-        planned = f"decoder.{key}"
-        if planned not in weights or weights[planned].shape != value.shape:
-            raise SystemExit(f"The teacher's {key} has no counterpart of the same shape in the planned decoder.")
-        weights[planned] = value
-    return weights
+from nnunet_weak.networks.second_decoder import planned_weights_with_second_decoder
+from nnunet_weak.networks.training_network import TRAINING_WEIGHTS_KEY
 
 
 def main() -> int:
@@ -69,11 +55,23 @@ def main() -> int:
               for case in cases]
     labels = {name: value for name, value in dataset_json["labels"].items()
               if name not in ("background", "ignore")}
+    missing = [c for c in cases if not (args.dense_labels / f"{c}{ending}").is_file()]
+    if missing:
+        print(f"{args.dense_labels} has no dense label for {missing[0]} ({len(missing)} of {len(cases)} validation "
+              "cases): give the dense twin's labelsTr.", file=sys.stderr)
+        return 2
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    teacher_decoder = getattr(find_trainer_class(checkpoint["trainer_name"]), "teacher_decoder", None)
+    if teacher_decoder is None or TRAINING_WEIGHTS_KEY not in checkpoint:
+        print(f"{checkpoint_file} is a {checkpoint['trainer_name']} run, not a ConfKD one: it has no teacher "
+              "decoder.", file=sys.stderr)
+        return 2
+    second = planned_weights_with_second_decoder(checkpoint["network_weights"], checkpoint[TRAINING_WEIGHTS_KEY])
+    planned_branch, second_branch = ("teacher", "student") if teacher_decoder == "planned" else ("student", "teacher")
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(args.device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), (fold,), "checkpoint_final.pth")
     rows = {}
-    for branch, weights in (("student", checkpoint["network_weights"]), ("teacher", teacher_weights(checkpoint))):
+    for branch, weights in ((planned_branch, checkpoint["network_weights"]), (second_branch, second)):
         predictor.list_of_parameters = [weights]
         out = args.output / branch
         predictor.predict_from_files(images, [str(out / case) for case in cases], overwrite=True,

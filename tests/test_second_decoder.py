@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import small_unet
-from nnunet_weak.networks.second_decoder import TwoDecoderNetwork
+from nnunet_weak.networks.second_decoder import TwoDecoderNetwork, planned_weights_with_second_decoder
 
 
 def decoder_parameters(network):
@@ -86,3 +86,35 @@ def test_samples_decoded_without_gradient_give_the_same_outputs_and_no_gradient(
     assert len(with_mask) == len(without_mask) > 0
     for a, b in zip(with_mask, without_mask):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_the_second_decoder_loaded_into_the_planned_network_computes_what_it_computed(kind):
+    torch.manual_seed(0)
+    network = TwoDecoderNetwork(small_unet(kind, 2))
+    x = torch.randn(2, 1, 32, 32)
+    network.train()
+    _, second_out = network(x)
+    weights = planned_weights_with_second_decoder(network.inference_network.state_dict(),
+                                                  network.training_state_dict())
+    rebuilt = small_unet(kind, 2)
+    rebuilt.load_state_dict(weights)
+    rebuilt.train()
+    for rebuilt_output, second_output in zip(rebuilt(x), second_out):
+        torch.testing.assert_close(rebuilt_output, second_output)
+    # the planned decoder's own weights are gone, the encoder's kept
+    planned_output = network.inference_network(x)[0]
+    assert not torch.allclose(rebuilt(x)[0], planned_output)
+    assert all(torch.equal(weights[k], v) for k, v in network.inference_network.state_dict().items()
+               if k.startswith("encoder."))
+
+
+def test_weights_from_another_network_are_refused_by_name():
+    network = TwoDecoderNetwork(small_unet("plain", 2))
+    other = TwoDecoderNetwork(small_unet("residual", 2))
+    with pytest.raises(ValueError, match="no second decoder"):
+        planned_weights_with_second_decoder(network.inference_network.state_dict(), {})
+    with pytest.raises(ValueError, match="no counterpart in the second decoder"):
+        planned_weights_with_second_decoder(network.inference_network.state_dict(), other.training_state_dict())
+    with pytest.raises(ValueError, match="no weight of the same name and shape"):
+        planned_weights_with_second_decoder(other.inference_network.state_dict(), network.training_state_dict())

@@ -87,3 +87,38 @@ class TwoDecoderNetwork(TrainingNetwork):
         skips = planned.encoder(x)
         return (decode_without_gradient_for(planned.decoder, skips, planned_without_gradient),
                 decode_without_gradient_for(self.second_decoder, skips, second_without_gradient))
+
+
+def planned_weights_with_second_decoder(network_weights: dict, training_weights: dict) -> dict:
+    """The planned network's state dict with the second decoder's weights in place of its decoder's.
+
+    A checkpoint of a :class:`TwoDecoderNetwork` keeps the planned network's weights under
+    ``network_weights`` (what ``nnUNetv2_predict`` loads) and the second decoder's among the training weights
+    (``second_decoder.*``). Loaded into the planned network, the result computes what the second decoder
+    computes on the shared encoder: for scoring both decoders of one run without training again.
+
+    Args:
+        network_weights: the planned network's state dict (keys ``encoder.*``, ``decoder.*``).
+        training_weights: the training-only weights, ``second_decoder.*`` among them.
+
+    Raises:
+        ValueError: no second decoder in ``training_weights``, or the two decoders' weights differing in
+            names or shapes.
+    """
+    prefix = "second_decoder."
+    second = {k[len(prefix):]: v for k, v in training_weights.items() if k.startswith(prefix)}
+    if not second:
+        raise ValueError("The training weights hold no second decoder: not a two-decoder run's checkpoint.")
+    weights = dict(network_weights)
+    # nnU-Net's decoder lists its encoder among its weights (decoder.encoder.*): shared, not the decoder's own
+    own = {k[len("decoder."):] for k in weights if k.startswith("decoder.") and not k.startswith("decoder.encoder.")}
+    if own - set(second):
+        raise ValueError(f"The planned decoder's '{sorted(own - set(second))[0]}' has no counterpart in the second "
+                         "decoder: the checkpoint was not written by this network.")
+    for key, value in second.items():
+        planned = f"decoder.{key}"
+        if planned not in weights or weights[planned].shape != value.shape:
+            raise ValueError(f"The second decoder's '{key}' has no weight of the same name and shape in the "
+                             "planned decoder: the checkpoint was not written by this network.")
+        weights[planned] = value
+    return weights
