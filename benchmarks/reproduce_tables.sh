@@ -126,6 +126,8 @@ confkd() {  # issue 16: ConfKD's rows on eroded and on scribbled weak labels, an
   # winner is then run over 3 seeds against the defaults); its defaults' run is ConfKD's seed 0 below
   nnunet-weak tune -d 327 -tr ConfKDTrainer --grid lambda_kl=0.1 lambda_entropy=0.01 detach_teacher=0 \
     "${cpu_2d[@]}" --seeds 1 -o "$out/confkd_lambdas"
+  # beyond the grid: stronger distillation, since the eroded labels lose the myocardium (documentation/ConfKDTrainer.md)
+  nnunet-weak tune -d 327 -tr ConfKDTrainer --grid lambda_kl=3,10 "${cpu_2d[@]}" --seeds 1 -o "$out/confkd_strong_kl"
   local trainers=(nnUNetWeakTrainer_denseCasesOnly nnUNetWeakTrainer ConfKDTrainer ConfKDTrainer_noKL
                   ConfKDTrainer_noEntropy)
   for id in 327 427; do
