@@ -57,7 +57,8 @@ def main() -> int:
         for m in METRICS:
             r, s = results["real"][c][m], results["simulated"][c][m]
             ratio = f"{s / r:.2f}" if r else "-"
-            print(f"| {name} | {m} | {r:.4f} | {s:.4f} | {ratio} |" + "".join(f" {results[n][c][m]:.4f} |" for n in eroded))
+            eroded_cells = "".join(f" {results[n][c][m]:.4f} |" for n in eroded)
+            print(f"| {name} | {m} | {r:.4f} | {s:.4f} | {ratio} |" + eroded_cells)
     return 0
 
 
