@@ -22,7 +22,7 @@ from nnunet_weak.scribbles import simulate_scribbles
 from nnunet_weak.weak_labels import eroded_labels
 
 NAMES = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
-METRICS = ("annotated_fraction", "boundary_distance_mm", "slice_coverage", "wrong_fraction")
+METRICS = ("annotated_fraction", "boundary_distance_mm", "slice_coverage", "wrong_fraction", "labelled_share")
 
 
 def main() -> int:

@@ -78,3 +78,6 @@ def test_scribble_statistics_against_counting():
     assert stats[1]["boundary_distance_mm"] == pytest.approx((3 + 4 + 4) / 3)
     assert stats[0]["annotated_fraction"] == pytest.approx(1 / 24)
     assert stats[1]["slice_coverage"] == 1.0
+    # 4 voxels labelled 1 (3 right, 1 wrong) and 1 labelled 0: the shares a partial loss sees
+    assert stats[1]["labelled_share"] == pytest.approx(4 / 5)
+    assert stats[0]["labelled_share"] == pytest.approx(1 / 5)
