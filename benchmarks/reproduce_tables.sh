@@ -72,6 +72,8 @@ datasets() {
   acdc_twin 227 228 --supervision semi --labelled_count 14                       # CAML: 7 patients
   acdc_twin 327 328 --supervision mixed --weak_label erosion --labelled_count 4  # ConfKD: 2 strong patients
   acdc_twin 427 428 --supervision mixed --weak_label scribble --labelled_count 4
+  acdc_twin 337 338 --supervision mixed --weak_label erosion --labelled_count 14 # ConfKD: 7 strong patients
+  acdc_twin 437 438 --supervision mixed --weak_label scribble --labelled_count 14
   acdc_twin 527 528 --supervision semi --labelled_count 4                        # KAF: 2 labelled patients
   acdc_twin 627 628 --supervision semi --labelled_count 12                       # KAF: 6
   acdc_twin 727 728 --supervision semi --labelled_count 6                        # ACTION: 3
@@ -132,7 +134,10 @@ confkd() {  # issue 16: ConfKD's rows on eroded and on scribbled weak labels, an
   nnunet-weak tune -d 327 -tr ConfKDTrainer --grid lambda_kl=3,10 "${cpu_2d[@]}" --seeds 1 -o "$out/confkd_strong_kl"
   local trainers=(nnUNetWeakTrainer_denseCasesOnly nnUNetWeakTrainer ConfKDTrainer ConfKDTrainer_noKL
                   ConfKDTrainer_noEntropy)
-  for id in 327 427; do
+  # the issue's second setting: 7 strong patients instead of 2, the rest weak as above
+  acdc_twin 337 338 --supervision mixed --weak_label erosion --labelled_count 14
+  acdc_twin 437 438 --supervision mixed --weak_label scribble --labelled_count 14
+  for id in 327 427 337 437; do
     nnunet-weak compare --sparse $id --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 --trainers "${trainers[@]}" \
       -o "$out/confkd_$id"
   done
