@@ -30,7 +30,7 @@ class ScribbleStatistics:
 
     def __post_init__(self):
         self._counts = {c: {"class_voxels": 0, "scribbled": 0, "distance_sum": 0.0, "slices": 0,
-                            "slices_with_stroke": 0, "wrong": 0, "labelled": 0} for c in self.classes}
+                            "slices_with_stroke": 0, "wrong": 0} for c in self.classes}
 
     def add(self, scribble: np.ndarray, dense: np.ndarray, ignore_label: int, spacing_yx: Sequence[float]) -> None:
         """Add one (z, y, x) volume: its scribble map (``ignore_label`` = not annotated) and dense label."""
@@ -43,7 +43,6 @@ class ScribbleStatistics:
                 counts = self._counts[c]
                 counts["class_voxels"] += int(inside.sum())
                 counts["wrong"] += int((stroke & ~inside).sum())
-                counts["labelled"] += int(stroke.sum())
                 correct = stroke & inside
                 counts["scribbled"] += int(correct.sum())
                 if inside.any():
@@ -55,7 +54,7 @@ class ScribbleStatistics:
 
     def summary(self) -> dict[int, dict[str, float]]:
         out = {}
-        labelled_total = max(sum(k["labelled"] for k in self._counts.values()), 1)
+        labelled_total = max(sum(k["scribbled"] + k["wrong"] for k in self._counts.values()), 1)
         for c, k in self._counts.items():
             scribbled = max(k["scribbled"], 1)
             out[c] = {
@@ -63,7 +62,7 @@ class ScribbleStatistics:
                 "boundary_distance_mm": k["distance_sum"] / scribbled,
                 "slice_coverage": k["slices_with_stroke"] / max(k["slices"], 1),
                 "wrong_fraction": k["wrong"] / max(k["scribbled"] + k["wrong"], 1),
-                "labelled_share": k["labelled"] / labelled_total,
+                "labelled_share": (k["scribbled"] + k["wrong"]) / labelled_total,
             }
         return out
 
