@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a table (markdown, CSV), a chart and each combination against the defaults case "
                                    "by case (mean difference, bootstrap 95 %% interval, Wilcoxon p). Never reads "
                                    "imagesTs or labelsTs. Finished runs are reused, also those of compare.")
-    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-d", required=True, nargs="+",
+                   help="dataset id(s) or name(s); with several, every combination is trained on each and the "
+                        "choice is the highest mean validation Dice averaged over them")
     p.add_argument("-tr", dest="trainer", required=True, help="trainer whose options are tuned")
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                    help="option values to try, e.g. --grid lambda_crf=0.05,0.1,0.2 crf_rampup=0,0.5 (every "
@@ -361,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3,
                    help="seeds per combination, NNUNET_WEAK_SEED 0..N-1, the layout of compare --seeds (default 3)")
     p.add_argument("-o", dest="output", default=None,
-                   help="output folder (default: $nnUNet_results/nnunet_weak_tune/<dataset>__<trainer>__<config>__"
-                        "fold<folds>__<budget>)")
+                   help="output folder (default: $nnUNet_results/nnunet_weak_tune/<dataset[+dataset...]>__<trainer>__"
+                        "<config>__fold<folds>__<budget>)")
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("demo", help="phantom -> convert -> plan -> compare dense vs scribbles, on CPU in minutes",

@@ -8,16 +8,21 @@ scores each combination on the dense labels of the folds' validation cases (``su
 never predicts, opens or scores ``imagesTs``/``labelsTs``.
 
 The trainer's current default of every option on the grid is always part of the grid, so that the
-default is measured beside its alternatives. The table gives each combination's validation scores
+default is measured beside its alternatives. Given several datasets (``-d 327 427``), every combination is
+trained on each, and the choice is the combination with the highest mean over datasets of its mean
+validation Dice (each dataset weighs the same, whatever its number of cases): a default meant for more
+than one kind of data is chosen on more than one. The table gives each combination's validation scores
 (mean ± sd over seeds); every combination is compared with the defaults case by case (scores averaged
 over seeds: mean difference, bootstrap 95 % interval, Wilcoxon signed-rank p;
-``nnunet_weak.statistics``). The combination with the highest mean validation Dice is named, with
-whether its difference from the defaults is distinguishable from noise (p < 0.05) on these cases.
+``nnunet_weak.statistics``), within each dataset. The combination with the highest mean validation Dice
+is named, with whether its difference from the defaults is distinguishable from noise (p < 0.05) on
+these cases, dataset by dataset.
 """
 from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +33,7 @@ from nnunet_weak.compare import (SCORE_COLUMNS, SD_SUFFIX, FoldTraining, Run, Ru
 from nnunet_weak.environment import required_folder
 from nnunet_weak.errors import UserInputError
 from nnunet_weak.evaluation import summarise
-from nnunet_weak.raw_dataset import load_raw_dataset
+from nnunet_weak.raw_dataset import RawDataset, load_raw_dataset
 from nnunet_weak.training.options import parse_trainer_options
 
 DEFAULTS_LABEL = "defaults"
@@ -54,31 +59,54 @@ def parse_grid(items: Sequence[str], trainer: str) -> dict[str, list[float]]:
     return grid
 
 
-class Tuning(FoldTraining):
-    """One trainer, a grid of option values, scored on validation cases only; ``run()`` writes the table."""
+@dataclass
+class DatasetTuning:
+    """One dataset's part of a tuning: a row per combination, and each combination minus the defaults."""
 
-    def __init__(self, dataset: int | str, trainer: str, grid: Sequence[str], budget: str, configuration: str = "2d",
-                 folds: Sequence[str] = ("0",), plans: str = "nnUNetPlans", device: str | None = None,
-                 retrain: bool = False, output: str | os.PathLike | None = None, seeds: int = 1,
-                 records: str | os.PathLike | None = None):
+    dataset: RawDataset
+    rows: list[dict]
+    paired: list[dict]
+
+    def mean_dice(self, method: str) -> float:
+        return next(r["Dice mean"] for r in self.rows if r["method"] == method)
+
+    def against_defaults(self, method: str) -> dict:
+        return next(p for p in self.paired if p["method"] == method and p["score"] == "Dice mean")
+
+
+class Tuning(FoldTraining):
+    """One trainer, a grid of option values on one or more datasets, scored on validation cases only; ``run()``
+    writes the table."""
+
+    def __init__(self, datasets: int | str | os.PathLike | Sequence[int | str | os.PathLike], trainer: str,
+                 grid: Sequence[str], budget: str, configuration: str = "2d", folds: Sequence[str] = ("0",),
+                 plans: str = "nnUNetPlans", device: str | None = None, retrain: bool = False,
+                 output: str | os.PathLike | None = None, seeds: int = 1, records: str | os.PathLike | None = None):
         super().__init__(budget, configuration, folds, plans, device, retrain, seeds, records)
         if not self.validation_is_held_out:
             raise UserInputError("Fold 'all' trains on every training case and validates on the same cases: there is "
                                  "nothing held out to choose on. Tune on folds 0-4 (-f 0, or -f 0 1 2 3 4).")
-        self.dataset = load_raw_dataset(dataset)
+        if isinstance(datasets, (int, str, os.PathLike)):
+            datasets = [datasets]
+        self.datasets = [load_raw_dataset(d) for d in datasets]
+        names = [d.name for d in self.datasets]
+        if len(set(names)) < len(names):
+            raise UserInputError(f"-d: a dataset is given twice ({', '.join(names)}); give each once.")
         self.trainer = trainer
         self.grid = parse_grid(grid, trainer)
         defaults = trainer_defaults(trainer)
         self.output = Path(output) if output else (
             required_folder("nnUNet_results") / "nnunet_weak_tune" /
-            f"{self.dataset.name}__{trainer}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
+            f"{'+'.join(names)}__{trainer}__{configuration}__fold{'-'.join(self.folds)}__{self.budget.name}")
         self.runs = []
-        for values in itertools.product(*self.grid.values()):
-            options = non_default_options({**defaults, **dict(zip(self.grid, values))}, defaults)
-            self.runs.append(Run(options or DEFAULTS_LABEL, trainer, self.dataset, options))
+        for dataset in self.datasets:
+            for values in itertools.product(*self.grid.values()):
+                options = non_default_options({**defaults, **dict(zip(self.grid, values))}, defaults)
+                self.runs.append(Run(options or DEFAULTS_LABEL, trainer, dataset, options))
 
     def run(self) -> tuple[list[dict], list[dict]]:
-        """Train and score every combination; return the table rows and the paired differences."""
+        """Train and score every combination on every dataset; return the table rows and the paired differences
+        (each with its ``dataset``)."""
         validation = {}
         for index, seed in self.scoring_order():
             run = self.runs[index]
@@ -93,56 +121,95 @@ class Tuning(FoldTraining):
             self.write_record(run, seed, per_fold)
         results = [RunScores(run, {seed: validation[index, seed] for seed in self.seeds}, test={})
                    for index, run in enumerate(self.runs)]
-        for result in results:
-            print(f"{result.run.method}: validation mean Dice {self.row(result)['Dice mean']:.4f}")
-        rows = [self.row(r) for r in results]
-        defaults = next(r for r in results if r.run.method == DEFAULTS_LABEL)
-        paired = paired_against(defaults, [r for r in results if r is not defaults], self.dataset.class_labels,
-                                splits=("validation",))
-        self.write_outputs(rows, paired)
-        return rows, paired
+        tables = []
+        for dataset in self.datasets:
+            mine = [r for r in results if r.run.dataset is dataset]
+            rows = [self.row(r) for r in mine]
+            for row in rows:
+                print(f"{dataset.name}, {row['method']}: validation mean Dice {row['Dice mean']:.4f}")
+            defaults = next(r for r in mine if r.run.method == DEFAULTS_LABEL)
+            paired = paired_against(defaults, [r for r in mine if r is not defaults], dataset.class_labels,
+                                    splits=("validation",))
+            tables.append(DatasetTuning(dataset, rows, [{"dataset": dataset.name, **p} for p in paired]))
+        self.write_outputs(tables)
+        return [r for t in tables for r in t.rows], [p for t in tables for p in t.paired]
 
     def row(self, result: RunScores) -> dict:
-        row = {"method": result.run.method, "trainer": self.trainer, "options": result.run.options}
-        row.update(scores_row([summarise(v, self.dataset.class_labels) for v in result.validation.values()],
-                              self.dataset.class_labels, ""))
+        class_labels = result.run.dataset.class_labels
+        row = {"method": result.run.method, "trainer": self.trainer, "dataset": result.run.dataset.name,
+               "options": result.run.options}
+        row.update(scores_row([summarise(v, class_labels) for v in result.validation.values()], class_labels, ""))
         row["seeds"] = len(result.validation)
         return row
 
-    def choice(self, rows: list[dict], paired: list[dict]) -> str:
-        """Which combination validation favours, and whether its gain over the defaults is more than noise."""
-        best = max(rows, key=lambda r: r["Dice mean"])
-        if best["method"] == DEFAULTS_LABEL:
-            return f"Highest mean validation Dice: the defaults ({best['Dice mean']:.3f}); keep them."
-        difference = next(p for p in paired if p["method"] == best["method"] and p["score"] == "Dice mean")
-        verdict = ("distinguishable from noise on these cases (p < 0.05)" if difference["Wilcoxon p"] < SIGNIFICANCE
-                   else "not distinguishable from noise on these cases (p >= 0.05)")
-        return (f"Highest mean validation Dice: {best['method']} ({best['Dice mean']:.3f}), "
-                f"{difference['mean difference']:+.3f} [{difference['ci low']:+.3f}, {difference['ci high']:+.3f}] "
-                f"against the defaults, Wilcoxon p = {difference['Wilcoxon p']:.3g}: {verdict}.")
+    @staticmethod
+    def choice(tables: list[DatasetTuning]) -> str:
+        """Which combination validation favours (highest mean Dice, averaged over the datasets), and whether its
+        gain over the defaults is more than noise on each dataset."""
+        methods = [r["method"] for r in tables[0].rows]
+        over_datasets = {m: sum(t.mean_dice(m) for t in tables) / len(tables) for m in methods}
+        best = max(methods, key=over_datasets.__getitem__)
+        where = "" if len(tables) == 1 else (
+            f" averaged over {len(tables)} datasets ("
+            + ", ".join(f"{t.dataset.name} {t.mean_dice(best):.3f}" for t in tables) + ")")
+        if best == DEFAULTS_LABEL:
+            return f"Highest mean validation Dice{where}: the defaults ({over_datasets[best]:.3f}); keep them."
+        parts, distinguishable = [], 0
+        for table in tables:
+            difference = table.against_defaults(best)
+            distinguishable += difference["Wilcoxon p"] < SIGNIFICANCE
+            name = "" if len(tables) == 1 else f"{table.dataset.name}: "
+            parts.append(f"{name}{difference['mean difference']:+.3f} [{difference['ci low']:+.3f}, "
+                         f"{difference['ci high']:+.3f}], Wilcoxon p = {difference['Wilcoxon p']:.3g}")
+        if len(tables) == 1:
+            verdict = ("distinguishable from noise on these cases (p < 0.05)" if distinguishable
+                       else "not distinguishable from noise on these cases (p >= 0.05)")
+        else:
+            verdict = f"distinguishable from noise (p < 0.05) on {distinguishable} of {len(tables)} datasets"
+        return (f"Highest mean validation Dice{where}: {best} ({over_datasets[best]:.3f}), "
+                f"against the defaults {'; '.join(parts)}: {verdict}.")
 
     def caption(self) -> str:
         seeds = "one unseeded run each" if self.seeds == [None] else f"{len(self.seeds)} seed(s) each, mean ± sd"
         defaults = trainer_defaults(self.trainer)
-        return (f"{self.trainer} on {self.dataset.name}, validation cases of fold(s) {', '.join(self.folds)} scored on "
-                f"dense labels (no test case used); defaults "
+        return (f"{self.trainer} on {' and '.join(d.name for d in self.datasets)}, validation cases of fold(s) "
+                f"{', '.join(self.folds)} scored on dense labels (no test case used); defaults "
                 f"{', '.join(f'{k}={defaults[k]:g}' for k in self.grid)}; configuration {self.configuration}, plans "
                 f"{self.plans}, budget {self.budget.describe()}, device {self.device}; {seeds}.")
 
-    def write_outputs(self, rows: list[dict], paired: list[dict]) -> None:
-        scores = [c for c in rows[0] if (c.startswith("Dice ") or c in SCORE_COLUMNS) and not c.endswith(SD_SUFFIX)]
-        lines = ["Validation cases only: dense labels of the folds' validation cases.", ""]
-        lines += markdown_table(rows, ["method", "seeds"] + scores, ["options (non-default)", "seeds"] + scores)
-        lines += paired_lines(paired)
-        lines += ["", self.choice(rows, paired), "", self.caption()]
+    def chart_path(self, dataset: RawDataset) -> Path:
+        return self.output / ("tuning_dice.png" if len(self.datasets) == 1 else f"tuning_dice_{dataset.name}.png")
+
+    def write_outputs(self, tables: list[DatasetTuning]) -> None:
+        several = len(tables) > 1
+        lines = ["Validation cases only: dense labels of the folds' validation cases."]
+        for table in tables:
+            rows = table.rows
+            scores = [c for c in rows[0] if (c.startswith("Dice ") or c in SCORE_COLUMNS) and not c.endswith(SD_SUFFIX)]
+            lines += ["", f"## {table.dataset.name}", ""] if several else [""]
+            lines += markdown_table(rows, ["method", "seeds"] + scores, ["options (non-default)", "seeds"] + scores)
+            lines += paired_lines(table.paired)
+        if several:
+            lines += ["", "## Over the datasets", "",
+                      "| options (non-default) | " + " | ".join(f"Dice mean {t.dataset.name}" for t in tables)
+                      + " | mean over datasets |", "|---|" + "---|" * (len(tables) + 1)]
+            for row in tables[0].rows:
+                means = [t.mean_dice(row["method"]) for t in tables]
+                lines.append(f"| {row['method']} | " + " | ".join(f"{m:.3f}" for m in means)
+                             + f" | {sum(means) / len(means):.3f} |")
+        lines += ["", self.choice(tables), "", self.caption()]
         markdown = "\n".join(lines) + "\n"
         write_text_atomic(markdown, self.output / "tuning.md")
-        write_text_atomic(format_csv(rows), self.output / "tuning.csv")
+        write_text_atomic(format_csv([r for t in tables for r in t.rows]), self.output / "tuning.csv")
+        paired = [p for t in tables for p in t.paired]
         if paired:
             write_text_atomic(format_csv(paired), self.output / "tuning_paired.csv")
-        plot_dice_chart(rows, self.dataset.class_labels, self.output / "tuning_dice.png", self.caption())
+        for table in tables:
+            plot_dice_chart(table.rows, table.dataset.class_labels, self.chart_path(table.dataset),
+                            f"{table.dataset.name}: {self.caption()}" if several else self.caption())
         print("\n" + markdown)
-        print(f"Wrote {self.output / 'tuning.md'}, tuning.csv and tuning_dice.png")
+        print(f"Wrote {self.output / 'tuning.md'}, tuning.csv and "
+              f"{', '.join(self.chart_path(d).name for d in self.datasets)}")
 
 
 def tune_from_args(args) -> tuple[list[dict], list[dict]]:

@@ -121,17 +121,23 @@ def test_validation_only_rewrite_keeps_test_scores_of_the_same_model_only(folder
     assert records.read("r.json", identity)["test"] is None
 
 
-def test_a_stopped_call_has_scored_what_needed_no_training(folders, monkeypatch):
-    """compare and tune score (and record) every seed that this machine holds finished or a record holds before
-    they train anything, whatever the order of rows and seeds: a call stopped during a long training has lost
-    nothing that the machine held (a session's machine is not the next one's)."""
-    raw = folders / "raw" / DATASET
+def raw_dataset(folders, name: str):
+    """A raw dataset of one test case (no training case: what it trains on is in the score records)."""
+    raw = folders / "raw" / name
     for sub in ("imagesTs", "labelsTs"):
         (raw / sub).mkdir(parents=True)
     (raw / "imagesTs" / "t1_0000.nii.gz").write_bytes(b"")
     (raw / "labelsTs" / "t1.nii.gz").write_bytes(b"")
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "RV": 1},
                                                   "file_ending": ".nii.gz", "numTraining": 0}), encoding="utf-8")
+    return raw
+
+
+def test_a_stopped_call_has_scored_what_needed_no_training(folders, monkeypatch):
+    """compare and tune score (and record) every seed that this machine holds finished or a record holds before
+    they train anything, whatever the order of rows and seeds: a call stopped during a long training has lost
+    nothing that the machine held (a session's machine is not the next one's)."""
+    raw = raw_dataset(folders, DATASET)
     comparison = Comparison(None, raw, ["nnUNetWeakTrainer", TRAINER], "smoke", seeds=2, disable_tta=True,
                             records=folders / "records", output=folders / "out")
     baseline, method = comparison.runs
@@ -185,3 +191,45 @@ def test_a_stopped_call_has_scored_what_needed_no_training(folders, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         tuning.run()
     assert finished_record.is_file()
+
+
+def test_tune_over_two_datasets_weighs_each_dataset_the_same(folders, monkeypatch):
+    """With several datasets, tune chooses by the mean over datasets of each combination's mean Dice, and tests
+    each combination against the defaults within each dataset. Here the datasets disagree and the one with more
+    cases would win a pooled mean: the defaults would be chosen over the pooled cases, crf_rampup=0 by the
+    datasets' mean."""
+    small, large = raw_dataset(folders, "Dataset001_X"), raw_dataset(folders, "Dataset002_Y")
+    tuning = Tuning([small, large], TRAINER, ["crf_rampup=0"], "smoke", seeds=1, records=folders / "records",
+                    output=folders / "tune")
+    assert [(run.dataset.name, run.method) for run in tuning.runs] == [
+        ("Dataset001_X", "crf_rampup=0"), ("Dataset001_X", "defaults"),
+        ("Dataset002_Y", "crf_rampup=0"), ("Dataset002_Y", "defaults")]
+    dice = {("Dataset001_X", "defaults"): 0.6, ("Dataset001_X", "crf_rampup=0"): 0.72,
+            ("Dataset002_Y", "defaults"): 0.8, ("Dataset002_Y", "crf_rampup=0"): 0.7}
+    cases = {"Dataset001_X": "ab", "Dataset002_Y": "abcd"}
+    for run in tuning.runs:
+        value = dice[run.dataset.name, run.method]
+        metrics = {"RV": {"Dice": value, "HD95": 3.0, "BackgroundShare": 0.0}}
+        tuning.write_record(run, 0, {"0": {case: metrics for case in cases[run.dataset.name]}})
+
+    def train(run, fold, seed):
+        raise AssertionError(f"{run.key} is recorded: nothing should train")
+
+    monkeypatch.setattr(tuning, "train", train)
+    rows, paired = tuning.run()
+    assert {(r["dataset"], r["method"]): r["Dice mean"] for r in rows} == pytest.approx(dice)
+    differences = {p["dataset"]: p["mean difference"] for p in paired if p["score"] == "Dice mean"}
+    assert differences == pytest.approx({"Dataset001_X": 0.12, "Dataset002_Y": -0.1})
+    assert {p["dataset"]: p["cases"] for p in paired if p["score"] == "Dice mean"} == {"Dataset001_X": 2,
+                                                                                      "Dataset002_Y": 4}
+    table = (folders / "tune" / "tuning.md").read_text(encoding="utf-8")
+    assert "## Dataset001_X" in table and "## Dataset002_Y" in table
+    assert "| crf_rampup=0 | 0.720 | 0.700 | 0.710 |" in table and "| defaults | 0.600 | 0.800 | 0.700 |" in table
+    assert "Highest mean validation Dice averaged over 2 datasets (Dataset001_X 0.720, Dataset002_Y 0.700): " \
+           "crf_rampup=0 (0.710)" in table
+    assert "on 0 of 2 datasets" in table
+    for name in ("Dataset001_X", "Dataset002_Y"):
+        assert (folders / "tune" / f"tuning_dice_{name}.png").is_file()
+
+    with pytest.raises(UserInputError, match="given twice"):
+        Tuning([small, small], TRAINER, ["crf_rampup=0"], "smoke", records=folders / "records")
