@@ -239,6 +239,10 @@ class FoldTraining:
     def seed_key(run: Run, seed: int | None) -> str:
         return run.key if seed is None else f"{run.key}__seed{seed}"
 
+    def label(self, run: Run) -> str:
+        """How progress messages name a run."""
+        return run.method
+
     def fold_folder(self, run: Run, fold: str, seed: int | None = None) -> Path:
         return (self.results_root(run, seed) / run.dataset.name /
                 f"{run.trainer}__{self.plans}__{self.configuration}" / f"fold_{fold}")
@@ -273,9 +277,9 @@ class FoldTraining:
                 if not (folder / "validation" / DENSE_SUMMARY).is_file():
                     # trained to the end, then stopped during its validation: validate, do not retrain
                     run_logged(command + ["--val"], self.environment(run, seed), log_file,
-                               f"{run.method}: validating the finished run of fold {fold}{seed_text}")
+                               f"{self.label(run)}: validating the finished run of fold {fold}{seed_text}")
                     return False
-                print(f"{run.method}: reusing the finished run in {folder}")
+                print(f"{self.label(run)}: reusing the finished run in {folder}")
                 return False
             if not same_budget:
                 raise UserInputError(
@@ -286,7 +290,7 @@ class FoldTraining:
                 raise UserInputError(f"{folder} holds a finished run with seed {record.get('seed')}, not {seed}. "
                                      f"Pass --retrain to replace it.")
             if pretrained is not None:
-                print(f"{run.method}: its pre-training changed, training it again")
+                print(f"{self.label(run)}: its pre-training changed, training it again")
             else:
                 raise UserInputError(f"{folder} holds a finished run with options {record.get('options')}, not "
                                      f"{options}. Pass --retrain to replace it.")
@@ -300,7 +304,8 @@ class FoldTraining:
             if pretrained is not None:
                 command += ["-pretrained_weights", str(pretrained)]
         run_logged(command, self.environment(run, seed), log_file,
-                   f"{run.method}: training fold {fold}{seed_text} ({self.budget.describe()})", self.budget.num_epochs)
+                   f"{self.label(run)}: training fold {fold}{seed_text} ({self.budget.describe()})",
+                   self.budget.num_epochs)
         return True
 
     def fold_validation_scores(self, run: Run, seed: int | None) -> dict[str, dict[str, dict]]:
@@ -361,7 +366,7 @@ class FoldTraining:
 
     def validation_from_record(self, run: Run, seed: int | None, record: dict) -> dict[str, dict]:
         """A record's validation scores, pooled over the folds, saying where they come from."""
-        print(f"{run.method}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
+        print(f"{self.label(run)}: seed {seed} scored from its record {self.records.path(self.record_name(run, seed))}")
         return self.pooled(record["validation"])
 
     def write_record(self, run: Run, seed: int | None, per_fold: dict[str, dict[str, dict]],

@@ -104,6 +104,9 @@ class Tuning(FoldTraining):
                 options = non_default_options({**defaults, **dict(zip(self.grid, values))}, defaults)
                 self.runs.append(Run(options or DEFAULTS_LABEL, trainer, dataset, options))
 
+    def label(self, run: Run) -> str:
+        return run.method if len(self.datasets) == 1 else f"{run.dataset.name}, {run.method}"
+
     def run(self) -> tuple[list[dict], list[dict]]:
         """Train and score every combination on every dataset; return the table rows and the paired differences
         (each with its ``dataset``)."""

@@ -193,7 +193,7 @@ def test_a_stopped_call_has_scored_what_needed_no_training(folders, monkeypatch)
     assert finished_record.is_file()
 
 
-def test_tune_over_two_datasets_weighs_each_dataset_the_same(folders, monkeypatch):
+def test_tune_over_two_datasets_weighs_each_dataset_the_same(folders, monkeypatch, capsys):
     """With several datasets, tune chooses by the mean over datasets of each combination's mean Dice, and tests
     each combination against the defaults within each dataset. Here the datasets disagree and the one with more
     cases would win a pooled mean: the defaults would be chosen over the pooled cases, crf_rampup=0 by the
@@ -217,6 +217,8 @@ def test_tune_over_two_datasets_weighs_each_dataset_the_same(folders, monkeypatc
 
     monkeypatch.setattr(tuning, "train", train)
     rows, paired = tuning.run()
+    # the same combination on two datasets: progress names the dataset
+    assert "Dataset002_Y, defaults: seed 0 scored from its record" in capsys.readouterr().out
     assert {(r["dataset"], r["method"]): r["Dice mean"] for r in rows} == pytest.approx(dice)
     differences = {p["dataset"]: p["mean difference"] for p in paired if p["score"] == "Dice mean"}
     assert differences == pytest.approx({"Dataset001_X": 0.12, "Dataset002_Y": -0.1})
