@@ -74,6 +74,11 @@ class DatasetTuning:
         return next(p for p in self.paired if p["method"] == method and p["score"] == "Dice mean")
 
 
+def mean_over_datasets(tables: list[DatasetTuning]) -> dict[str, float]:
+    """Each combination's mean validation Dice averaged over the datasets, each dataset weighing the same."""
+    return {r["method"]: sum(t.mean_dice(r["method"]) for t in tables) / len(tables) for r in tables[0].rows}
+
+
 class Tuning(FoldTraining):
     """One trainer, a grid of option values on one or more datasets, scored on validation cases only; ``run()``
     writes the table."""
@@ -128,8 +133,8 @@ class Tuning(FoldTraining):
         for dataset in self.datasets:
             mine = [r for r in results if r.run.dataset is dataset]
             rows = [self.row(r) for r in mine]
-            for row in rows:
-                print(f"{dataset.name}, {row['method']}: validation mean Dice {row['Dice mean']:.4f}")
+            for result, row in zip(mine, rows):
+                print(f"{self.label(result.run)}: validation mean Dice {row['Dice mean']:.4f}")
             defaults = next(r for r in mine if r.run.method == DEFAULTS_LABEL)
             paired = paired_against(defaults, [r for r in mine if r is not defaults], dataset.class_labels,
                                     splits=("validation",))
@@ -149,9 +154,8 @@ class Tuning(FoldTraining):
     def choice(tables: list[DatasetTuning]) -> str:
         """Which combination validation favours (highest mean Dice, averaged over the datasets), and whether its
         gain over the defaults is more than noise on each dataset."""
-        methods = [r["method"] for r in tables[0].rows]
-        over_datasets = {m: sum(t.mean_dice(m) for t in tables) / len(tables) for m in methods}
-        best = max(methods, key=over_datasets.__getitem__)
+        over_datasets = mean_over_datasets(tables)
+        best = max(over_datasets, key=over_datasets.__getitem__)
         where = "" if len(tables) == 1 else (
             f" averaged over {len(tables)} datasets ("
             + ", ".join(f"{t.dataset.name} {t.mean_dice(best):.3f}" for t in tables) + ")")
@@ -196,10 +200,9 @@ class Tuning(FoldTraining):
             lines += ["", "## Over the datasets", "",
                       "| options (non-default) | " + " | ".join(f"Dice mean {t.dataset.name}" for t in tables)
                       + " | mean over datasets |", "|---|" + "---|" * (len(tables) + 1)]
-            for row in tables[0].rows:
-                means = [t.mean_dice(row["method"]) for t in tables]
-                lines.append(f"| {row['method']} | " + " | ".join(f"{m:.3f}" for m in means)
-                             + f" | {sum(means) / len(means):.3f} |")
+            for method, mean in mean_over_datasets(tables).items():
+                lines.append(f"| {method} | " + " | ".join(f"{t.mean_dice(method):.3f}" for t in tables)
+                             + f" | {mean:.3f} |")
         lines += ["", self.choice(tables), "", self.caption()]
         markdown = "\n".join(lines) + "\n"
         write_text_atomic(markdown, self.output / "tuning.md")
