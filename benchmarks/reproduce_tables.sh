@@ -127,10 +127,11 @@ confkd() {  # issue 16: ConfKD's rows on eroded and on scribbled weak labels, an
   # first the sweep that sets the defaults the rows below run at: 8 combinations on each dataset, one seed each (a
   # hint; the winner is then run over 3 seeds against the defaults), chosen by the mean over both datasets; its
   # defaults' runs are ConfKD's seed 0 below
-  nnunet-weak tune -d 327 427 -tr ConfKDTrainer --grid lambda_kl=0.1 lambda_entropy=0.01 detach_teacher=0 \
+  nnunet-weak tune -d 327 427 -tr ConfKDTrainer --grid lambda_kl=0.1 lambda_entropy=0.01 detach_teacher=1 \
     "${cpu_2d[@]}" --seeds 1 -o "$out/confkd_lambdas"
   # beyond the grid: stronger distillation, since the eroded labels lose the myocardium (documentation/ConfKDTrainer.md)
-  nnunet-weak tune -d 327 -tr ConfKDTrainer --grid lambda_kl=3,10 "${cpu_2d[@]}" --seeds 1 -o "$out/confkd_strong_kl"
+  nnunet-weak tune -d 327 -tr ConfKDTrainer --grid lambda_kl=10 detach_teacher=1 "${cpu_2d[@]}" --seeds 1 \
+    -o "$out/confkd_strong_kl"
   local trainers=(nnUNetWeakTrainer_denseCasesOnly nnUNetWeakTrainer ConfKDTrainer ConfKDTrainer_noKL
                   ConfKDTrainer_noEntropy)
   # the issue's second setting: 7 strong patients instead of 2, the rest weak as above

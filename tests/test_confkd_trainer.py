@@ -65,14 +65,14 @@ def test_the_teacher_learns_from_dense_labels_only_unless_the_kl_term_may_reach_
         parameters = probe(dict(env, NNUNET_WEAK_TRAINER_OPTIONS=options), "steps", "972", "2d", trainer, "1")["parameters"]
         return {name: g for name, (_, g) in parameters.items()}
 
-    base = first_step_gradients("lambda_kl=1,lambda_entropy=0.1")
-    more_entropy = first_step_gradients("lambda_kl=1,lambda_entropy=2")
-    more_kl = first_step_gradients("lambda_kl=3,lambda_entropy=0.1")
+    base = first_step_gradients("lambda_kl=1,lambda_entropy=0.1,detach_teacher=1")
+    more_entropy = first_step_gradients("lambda_kl=1,lambda_entropy=2,detach_teacher=1")
+    more_kl = first_step_gradients("lambda_kl=3,lambda_entropy=0.1,detach_teacher=1")
     both_branches = first_step_gradients("lambda_kl=3,lambda_entropy=0.1,detach_teacher=0")
     teacher = [n for n in base if n.startswith(teacher_prefix) and base[n] is not None]
     student = [n for n in base if n.startswith(student_prefix) and base[n] is not None]
     assert teacher and student
-    # the first step's teacher gradient sees only the dense loss: the terms on the student do not reach it
+    # detached, the first step's teacher gradient sees only the dense loss: the terms on the student do not reach it
     assert all(base[n] == more_entropy[n] == more_kl[n] for n in teacher)
     assert any(base[n] != more_entropy[n] for n in student) and any(base[n] != more_kl[n] for n in student)
     # with detach_teacher=0 the KL term moves the teacher too

@@ -17,12 +17,12 @@ training code; this file composes the method:
   - ``L_student``: nnU-Net's Dice + CE with the ignore label (annotated voxels only: partial Dice + CE) of
     the student on the weak maps of *all* samples, strong ones included (the paper: partial CE).
   - ``KL(p_teacher ‖ p_student)``: ``teacher_student_kl`` per voxel, full resolution, weak samples only;
-    the teacher detached unless ``detach_teacher=0``.
+    by default not detached, so that it also moves the teacher (``detach_teacher=1``: the student only).
   - ``H(p_student)``: ``prediction_entropy`` per voxel, full resolution, weak samples only.
 
-Options (``NNUNET_WEAK_TRAINER_OPTIONS``): ``lambda_kl``, ``lambda_entropy``, ``detach_teacher`` (1: the
-KL term moves the student only; 0: both branches), ``strong_per_batch`` (0: half the batch, rounded up).
-The defaults are provisional until the validation sweep of documentation/ConfKDTrainer.md replaces them.
+Options (``NNUNET_WEAK_TRAINER_OPTIONS``): ``lambda_kl`` (1), ``lambda_entropy`` (0.1), ``detach_teacher`` (0:
+the KL term moves both branches; 1: the student only), ``strong_per_batch`` (0: half the batch, rounded up).
+The defaults are the validation sweep's choice over eroded and scribbled ACDC (documentation/ConfKDTrainer.md).
 
 Variants (same everything else): ``ConfKDTrainer_noKL`` (λ_KL = 0), ``ConfKDTrainer_noEntropy`` (λ_H = 0),
 ``ConfKDTrainer_predictWithTeacher`` (the planned decoder is the teacher and the second the student, so that
@@ -40,7 +40,7 @@ class ConfKDTrainer(MixedSupervisionTrainer):
     """ConfKD: a teacher decoder on dense labels, a confident student decoder on weak labels, one encoder."""
 
     tunable_options = {**MixedSupervisionTrainer.tunable_options, "lambda_kl": 1.0, "lambda_entropy": 0.1,
-                       "detach_teacher": 1.0}
+                       "detach_teacher": 0.0}
     training_loss_components = ("teacher_dense", "student_weak", "kl_teacher_student", "student_entropy")
     #: which decoder is the teacher: the "second" (ConfKD; the planned decoder is the student) or the "planned"
     teacher_decoder = "second"
