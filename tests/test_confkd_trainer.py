@@ -69,14 +69,16 @@ def test_the_teacher_learns_from_dense_labels_only_unless_the_kl_term_may_reach_
     more_entropy = first_step_gradients("lambda_kl=1,lambda_entropy=2,detach_teacher=1")
     more_kl = first_step_gradients("lambda_kl=3,lambda_entropy=0.1,detach_teacher=1")
     both_branches = first_step_gradients("lambda_kl=3,lambda_entropy=0.1,detach_teacher=0")
+    no_kl_not_detached = first_step_gradients("lambda_kl=0,lambda_entropy=0.1,detach_teacher=0")
     teacher = [n for n in base if n.startswith(teacher_prefix) and base[n] is not None]
     student = [n for n in base if n.startswith(student_prefix) and base[n] is not None]
     assert teacher and student
     # detached, the first step's teacher gradient sees only the dense loss: the terms on the student do not reach it
     assert all(base[n] == more_entropy[n] == more_kl[n] for n in teacher)
     assert any(base[n] != more_entropy[n] for n in student) and any(base[n] != more_kl[n] for n in student)
-    # with detach_teacher=0 the KL term moves the teacher too
+    # with detach_teacher=0 the KL term moves the teacher too, and without a KL term nothing but the dense loss does
     assert any(more_kl[n] != both_branches[n] for n in teacher)
+    assert all(base[n] == no_kl_not_detached[n] for n in teacher)
 
 
 def test_a_strong_case_weak_and_dense_maps_stay_aligned_through_augmentation(workspace, tmp_path):

@@ -49,8 +49,9 @@ class ConfKDTrainer(MixedSupervisionTrainer):
         return TwoDecoderNetwork(network)
 
     def training_forward_arguments(self, extras: dict) -> dict:
-        # a detached teacher's prediction on weak samples is only the KL target: decoded without its backward pass
-        if not self.detach_teacher:
+        # unless the KL term moves the teacher, its prediction on weak samples is only the KL target: decoded
+        # without its backward pass
+        if self.lambda_kl != 0 and not self.detach_teacher:
             return {}
         return {f"{self.teacher_decoder}_without_gradient": ~extras["strong"]}
 
