@@ -132,14 +132,16 @@ confkd() {  # issue 16: ConfKD's rows on eroded and on scribbled weak labels, an
   # beyond the grid: stronger distillation, since the eroded labels lose the myocardium (documentation/ConfKDTrainer.md)
   nnunet-weak tune -d 327 -tr ConfKDTrainer --grid lambda_kl=10 detach_teacher=1 "${cpu_2d[@]}" --seeds 1 \
     -o "$out/confkd_strong_kl"
-  local trainers=(nnUNetWeakTrainer_denseCasesOnly nnUNetWeakTrainer ConfKDTrainer ConfKDTrainer_noKL
-                  ConfKDTrainer_noEntropy)
+  local trainers=(nnUNetWeakTrainer ConfKDTrainer ConfKDTrainer_noKL ConfKDTrainer_noEntropy) dense_only
   # the issue's second setting: 7 strong patients instead of 2, the rest weak as above
   acdc_twin 337 338 --supervision mixed --weak_label erosion --labelled_count 14
   acdc_twin 437 438 --supervision mixed --weak_label scribble --labelled_count 14
   for id in 327 427 337 437; do
-    nnunet-weak compare --sparse $id --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 --trainers "${trainers[@]}" \
-      -o "$out/confkd_$id"
+    # nnU-Net on the strong cases alone never reads a weak label, and each eroded/scribbled pair shares its strong
+    # cases and split: one row per pair (327's serves 427, 437's serves 337)
+    case $id in 327|437) dense_only=(nnUNetWeakTrainer_denseCasesOnly) ;; *) dense_only=() ;; esac
+    nnunet-weak compare --sparse $id --no_dense "${cpu_2d[@]}" --disable_tta --seeds 3 \
+      --trainers "${dense_only[@]}" "${trainers[@]}" -o "$out/confkd_$id"
   done
 }
 
